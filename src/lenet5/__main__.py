@@ -1,0 +1,3 @@
+from lenet5.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""Test-set evaluation of a model or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lenet5.checkpoint import load_checkpoint
+from lenet5.data import MNIST
+from lenet5.data.transforms import to_model_input
+from lenet5.models import DigitClassifier, count_parameters
+from lenet5.runtime import resolve_device
+
+
+@torch.no_grad()
+def evaluate(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 2000) -> tuple[float, float]:
+    """Mean loss and accuracy over uint8 images (N, 28, 28) and their labels, on their device."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for start in range(0, len(labels), batch_size):
+        x = to_model_input(images[start:start + batch_size])
+        y = labels[start:start + batch_size]
+        outputs = model(x)
+        total_loss += model.loss(outputs, y) * len(y)
+        correct += (model.logits(outputs).argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(1, len(labels))
+    return (total_loss / n).item(), (correct.double() / n).item()
+
+
+def evaluate_checkpoint(path: str | Path, mnist: MNIST, *, device: str = "auto", batch_size: int = 2000,
+                        test_samples: int = 0) -> dict[str, Any]:
+    """Test loss, accuracy and error of a checkpoint, with what it is."""
+    dev = resolve_device(device)
+    checkpoint = load_checkpoint(path, dev)
+    test = mnist.test.head(test_samples).to(dev)
+    loss, accuracy = evaluate(checkpoint.model, test.images, test.labels, batch_size)
+    return {
+        "checkpoint": str(checkpoint.path),
+        "model": checkpoint.meta["model"],
+        "parameters": count_parameters(checkpoint.model),
+        "epoch": checkpoint.meta.get("epoch"),
+        "test_images": len(test),
+        "test_loss": loss,
+        "test_accuracy": accuracy,
+        "test_error": 1 - accuracy,
+        "errors": round((1 - accuracy) * len(test)),
+    }

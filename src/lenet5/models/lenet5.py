@@ -1,0 +1,39 @@
+"""LeNet-5 as most courses teach it: the 1998 layer sizes with today's simplifications.
+
+Source: LeCun et al. 1998, section II.B, simplified the common way: full C3 connections instead
+of Table I, plain average pooling instead of trainable subsampling, tanh instead of the scaled
+squashing, a linear 10-way output with softmax cross-entropy instead of the RBF layer.
+The faithful network is `lenet5-1998`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lenet5.models.registry import DigitClassifier, register_model
+
+
+@register_model("lenet5")
+class LeNet5(DigitClassifier):
+    """Classic textbook LeNet-5: conv 6@5x5 (pad 2), avgpool, conv 16@5x5, avgpool, 120, 84, 10, tanh (61,706 params)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(),  # C1: (B, 6, 28, 28)
+            nn.AvgPool2d(2, 2),  # S2: (B, 6, 14, 14)
+            nn.Conv2d(6, 16, 5), nn.Tanh(),  # C3: (B, 16, 10, 10)
+            nn.AvgPool2d(2, 2),  # S4: (B, 16, 5, 5)
+        )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, 1, 28, 28)).numel()  # 400
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, 120), nn.Tanh(),  # C5
+            nn.Linear(120, 84), nn.Tanh(),  # F6
+            nn.Linear(84, num_classes),  # output logits
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,84 @@
+"""Models registered by name and built by one factory, in the manner of timm's `create_model`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lenet5.errors import ConfigError
+
+
+class DigitClassifier(nn.Module):
+    """Base of every registered model.
+
+    Input: float images (B, 1, 28, 28) with ink 1 and background 0, as MNIST's bytes / 255.
+    Each model maps that to its own input convention inside `forward`, so every entry point
+    (training, evaluation, prediction, export) feeds the same thing.
+
+    Most models output logits. A model whose outputs are something else (the 1998 network's
+    RBF penalties, where the smallest wins) overrides `loss` and `logits`; the rest of the
+    toolkit only ever calls those two, so it never needs to know.
+    """
+
+    registry_name: str = ""
+    init_args: dict[str, Any]
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean training loss of a batch."""
+        return F.cross_entropy(outputs, labels)
+
+    def logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Scores whose argmax is the prediction and whose softmax is the class probabilities."""
+        return outputs
+
+
+M = TypeVar("M", bound=type[DigitClassifier])
+_REGISTRY: dict[str, type[DigitClassifier]] = {}
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Class decorator: make the model available to `create_model(name)` and the CLI."""
+
+    def add(cls: M) -> M:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        cls.registry_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[DigitClassifier]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, **kwargs: Any) -> DigitClassifier:
+    """Build a registered model; its name and arguments are kept for checkpoints."""
+    cls = model_class(name)
+    try:
+        model = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {name!r}: {e}") from None
+    model.init_args = dict(kwargs)
+    return model
+
+
+def describe(name: str) -> str:
+    """First line of the model's docstring: what it is and where it comes from."""
+    doc = (model_class(name).__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,6 @@
+"""Training: TrainConfig, optimizers and schedules, and the loop that writes a run folder."""
+
+from lenet5.train.config import TrainConfig
+from lenet5.train.loop import Callback, FitResult, TrainingError, fit, resume, train_epoch
+
+__all__ = ["Callback", "FitResult", "TrainConfig", "TrainingError", "fit", "resume", "train_epoch"]

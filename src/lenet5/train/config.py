@@ -1,0 +1,117 @@
+"""TrainConfig: every setting that decides a training run's result, as one typed dataclass.
+
+The defaults are the blog post's run (Keras LeNet, RMSprop with Keras' defaults, batch 32,
+3 epochs). The CLI builds one option per field from the metadata below, and a run folder's
+``config.json`` is this dataclass, so ``TrainConfig.from_json(path)`` re-creates the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lenet5.errors import ConfigError
+from lenet5.models import list_models
+
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "onecycle", "cosine")
+DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="keras-lenet", metadata=_opt("registered model name (see `lenet5 models`)"))
+    epochs: int = field(default=3, metadata=_opt("passes over the training set"))
+    batch_size: int = field(default=32, metadata=_opt("training images per step"))
+    optimizer: str = field(default="rmsprop", metadata=_opt("optimizer", choices=OPTIMIZERS))
+    lr: float | None = field(default=None, metadata=_opt(
+        "peak learning rate (default: rmsprop/adam/adamw 1e-3, sgd 0.01)"))
+    momentum: float = field(default=0.9, metadata=_opt("SGD momentum (sgd only)"))
+    nesterov: bool = field(default=False, metadata=_opt("Nesterov momentum (sgd only)"))
+    weight_decay: float = field(default=0.0, metadata=_opt(
+        "weight decay (decoupled for adamw, L2 for the others)"))
+    rho: float = field(default=0.9, metadata=_opt("RMSprop decay of the squared-gradient average (Keras: 0.9)"))
+    eps: float = field(default=1e-7, metadata=_opt("RMSprop/Adam epsilon (Keras: 1e-7)"))
+    schedule: str = field(default="constant", metadata=_opt("learning-rate schedule, updated every step",
+                                                           choices=SCHEDULES))
+    step_epochs: int = field(default=1, metadata=_opt("step schedule: epochs between decays"))
+    gamma: float = field(default=0.1, metadata=_opt("step schedule: decay factor"))
+    warmup: float = field(default=0.25, metadata=_opt("onecycle: fraction of the steps spent warming up"))
+    seed: int = field(default=0, metadata=_opt("seed for initialisation and shuffling"))
+    device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N, or auto (cuda when available)"))
+    train_samples: int = field(default=0, metadata=_opt("use the first N training images (0: all 60,000)"))
+    test_samples: int = field(default=0, metadata=_opt("use the first N test images (0: all 10,000)"))
+    eval_batch_size: int = field(default=2000, metadata=_opt("images per step when evaluating"))
+    threads: int = field(default=0, metadata=_opt("CPU threads (0: PyTorch's default, one per core)"))
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            self.lr = DEFAULT_LR[self.optimizer]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first impossible option."""
+        if self.model not in list_models():
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "step_epochs": self.step_epochs, "lr": self.lr}
+        for name, value in positive.items():
+            if not value or value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        non_negative = {"train_samples": self.train_samples, "test_samples": self.test_samples,
+                        "threads": self.threads, "weight_decay": self.weight_decay, "momentum": self.momentum,
+                        "seed": self.seed}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+        if not 0 <= self.rho < 1:
+            raise ConfigError(f"--rho must be in [0, 1), got {self.rho}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.warmup < 1:
+            raise ConfigError(f"--warmup must be in (0, 1), got {self.warmup}")
+        if self.eps <= 0:
+            raise ConfigError(f"--eps must be positive, got {self.eps}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("--nesterov needs --optimizer sgd and a non-zero --momentum")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+                or self.device == "mps"):
+            raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"bad training options: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable JSON config: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of training options")
+        return cls.from_dict(values)

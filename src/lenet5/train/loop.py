@@ -1,0 +1,218 @@
+"""The training loop: the whole data set as tensors on the compute device, one readable function.
+
+Speed choices, named where they matter:
+- images stay uint8 on the device and a batch is one gather by a permutation slice, converted
+  to float there (no DataLoader, no per-sample Python, no host-to-device copy per step);
+- loss and accuracy are summed on the device and read back only every `log_every` steps and
+  at the end of the epoch (a `.item()` per step would sync a GPU every step);
+- the epoch's shuffle comes from its own seeded generator, so epoch e sees the same order
+  whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lenet5.checkpoint import load_checkpoint, save_checkpoint
+from lenet5.data import MNIST, Split
+from lenet5.data.transforms import to_model_input
+from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
+from lenet5.evaluate import evaluate
+from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lenet5.models import DigitClassifier, count_parameters, create_model
+from lenet5.plots import plot_curves
+from lenet5.runtime import environment, resolve_device
+from lenet5.train.config import TrainConfig
+from lenet5.train.optim import build_optimizer, build_schedule
+from lenet5.train.state import load_train_state, restore_rng, save_train_state
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds")
+
+
+class TrainingError(Lenet5Error):
+    """Training cannot go on (the loss diverged)."""
+
+
+class Callback:
+    """Hooks the loop calls to report progress; the library itself never prints."""
+
+    def on_train_begin(self, run_dir: Path, config: TrainConfig, env: dict[str, Any], start_epoch: int) -> None: ...
+
+    def on_epoch_begin(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def on_batch_end(self, step: int, loss: float, accuracy: float) -> None: ...
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    model: DigitClassifier
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, train: Split, batch_size: int,
+                order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50) -> tuple[float, float]:
+    """One pass over `train` in the given order; returns the running mean loss and accuracy
+    (as Keras reports them: averaged over the epoch's batches while the weights change)."""
+    model.train()
+    device = train.images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    for step, start in enumerate(range(0, len(order), batch_size), 1):
+        idx = order[start:start + batch_size]
+        x, y = to_model_input(train.images[idx]), train.labels[idx]  # (B, 1, 28, 28), (B,)
+        outputs = model(x)
+        loss = model.loss(outputs, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (model.logits(outputs.detach()).argmax(1) == y).sum()
+        seen += len(idx)
+        if callbacks and step % log_every == 0:
+            loss_now, acc_now = loss_sum.item() / seen, correct.item() / seen
+            for cb in callbacks:
+                cb.on_batch_end(step, loss_now, acc_now)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
+    atomic_write_json(run_dir / "history.json", history)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "history.csv", text.getvalue())
+    atomic_write_bytes(run_dir / "curves.png", plot_curves(history, title))
+
+
+def _summary(config: TrainConfig, model: DigitClassifier, history: list[dict[str, Any]]) -> dict[str, Any]:
+    final = history[-1]
+    best = max(history, key=lambda r: r["test_acc"])
+    return {
+        "model": config.model,
+        "parameters": count_parameters(model),
+        "epochs": len(history),
+        "test_acc": final["test_acc"],
+        "test_error": 1 - final["test_acc"],
+        "test_loss": final["test_loss"],
+        "train_acc": final["train_acc"],
+        "train_loss": final["train_loss"],
+        "best_epoch": best["epoch"],
+        "best_test_acc": best["test_acc"],
+        "train_seconds": sum(r["train_seconds"] for r in history),
+        "seconds": sum(r["seconds"] for r in history),
+    }
+
+
+def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Sequence[Callback] = (),
+        resume: bool = False) -> FitResult:
+    """Train `config` on `mnist`, writing the run folder after every epoch.
+
+    With ``resume=True`` the run continues from ``run_dir``'s last checkpoint (weights,
+    optimizer, schedule, RNG and history) and ends as an uninterrupted run would.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    train = mnist.train.head(config.train_samples).to(device)
+    test = mnist.test.head(config.test_samples).to(device)
+    if config.batch_size > len(train):
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
+
+    torch.manual_seed(config.seed)
+    model = create_model(config.model).to(device)
+    optimizer = build_optimizer(model.parameters(), config)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = build_schedule(optimizer, config, steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    if resume:
+        state = load_train_state(ckpt_dir / "last.state.pt")
+        last = load_checkpoint(ckpt_dir / "last.safetensors", device)
+        if last.meta.get("epoch") != state["epoch"]:
+            raise CheckpointError(f"{ckpt_dir}: last.safetensors is from epoch {last.meta.get('epoch')} but "
+                                  f"last.state.pt from epoch {state['epoch']} (interrupted while saving?)")
+        model.load_state_dict(last.model.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state)
+        history = list(state["history"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+    env = environment(device)
+    atomic_write_json(run_dir / ("run.json" if not resume else f"run-resumed-{len(history)}.json"), env)
+    for cb in callbacks:
+        cb.on_train_begin(run_dir, config, env, len(history))
+
+    best_acc = max((r["test_acc"] for r in history), default=-1.0)
+    title = f"{config.model}, {config.optimizer}, batch {config.batch_size}"
+    for epoch in range(len(history), config.epochs):
+        for cb in callbacks:
+            cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size,
+                                            epoch_permutation(config.seed, epoch, len(train)).to(device),
+                                            callbacks)
+        train_seconds = time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
+                                f"try a smaller --lr (now {config.lr:g})")
+        test_loss, test_acc = evaluate(model, test.images, test.labels, config.eval_batch_size)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                  "test_acc": test_acc, "lr": lr, "train_seconds": train_seconds,
+                  "seconds": time.perf_counter() - started}
+        history.append(record)
+
+        metrics = {k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        # Weights first, state second: resume checks both carry the same epoch.
+        save_checkpoint(ckpt_dir / "last", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
+        save_train_state(ckpt_dir / "last.state.pt", epoch=epoch + 1, optimizer=optimizer,
+                         scheduler=scheduler, history=history)
+        if test_acc > best_acc:
+            best_acc = test_acc
+            save_checkpoint(ckpt_dir / "best", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
+        _write_history(run_dir, history, title)
+        atomic_write_json(run_dir / "metrics.json", _summary(config, model, history))
+        for cb in callbacks:
+            cb.on_epoch_end(record)
+
+    if not history:
+        raise ConfigError(f"{run_dir}: nothing to do, the run already has {config.epochs} epochs")
+    return FitResult(model=model, history=history, metrics=_summary(config, model, history), run_dir=run_dir)
+
+
+def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
+           callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Continue an interrupted run from its folder (optionally for more epochs than planned)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.json)")
+    config = TrainConfig.from_json(run_dir / "config.json")
+    if epochs is not None:
+        config.epochs = epochs
+        config.validate()
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+    return fit(config, mnist, run_dir, callbacks=callbacks, resume=True)

@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules named in TrainConfig.
+
+Every schedule is a per-step multiplier of the peak rate (a LambdaLR), so its whole state is the
+step count: resuming a run restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lenet5.train.config import TrainConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    lr, wd = config.lr, config.weight_decay
+    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    if config.optimizer == "rmsprop":
+        # Keras' RMSprop: rho=0.9, eps=1e-7 added outside the square root, as in PyTorch.
+        return torch.optim.RMSprop(params, lr=lr, alpha=config.rho, eps=config.eps, weight_decay=wd, foreach=True)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=wd, foreach=True)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
+    raise AssertionError(config.optimizer)  # TrainConfig.validate() rejects anything else
+
+
+def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The factor applied to the peak learning rate at optimizer step `step` (0-based)."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return lambda step: 1.0
+    if config.schedule == "step":
+        every = config.step_epochs * steps_per_epoch
+        return lambda step: config.gamma ** (step // every)
+    if config.schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if config.schedule == "onecycle":
+        # Smith & Topin's one-cycle policy: linear warm-up from lr/25, then cosine annealing
+        # down to lr/1e4 (the constants of torch's OneCycleLR, without its momentum cycling,
+        # which would turn RMSprop into momentum-RMSprop).
+        warm = max(1, round(config.warmup * total))
+        start, end = 1 / 25, 1 / 1e4
+
+        def onecycle(step: int) -> float:
+            if step < warm:
+                return start + (1 - start) * step / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+        return onecycle
+    raise AssertionError(config.schedule)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> LambdaLR:
+    return LambdaLR(optimizer, lr_multiplier(config, steps_per_epoch))
