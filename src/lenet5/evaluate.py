@@ -38,6 +38,7 @@ def evaluate_checkpoint(path: str | Path, mnist: MNIST, *, device: str = "auto",
     """Test loss, accuracy and error of a checkpoint, with what it is."""
     dev = resolve_device(device)
     checkpoint = load_checkpoint(path, dev)
+    checkpoint.model.to(memory_format=torch.channels_last)  # faster convolutions, as in training
     test = mnist.test.head(test_samples).to(dev)
     loss, accuracy = evaluate(checkpoint.model, test.images, test.labels, batch_size)
     return {

@@ -10,6 +10,7 @@ half-written or wrong file never sits under the final name.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
 import tempfile
@@ -87,8 +88,10 @@ def download_file(name: str, size: int, sha256: str, dest_dir: Path, mirrors: Se
             except _Permanent as e:
                 failures.append(f"{url}: {e}")
                 break
-            except (OSError, urllib.error.URLError, socket.timeout) as e:
+            except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
                 reason = getattr(e, "reason", None) or e
+                if isinstance(e, http.client.IncompleteRead):
+                    reason = "the connection closed before the end of the file"
                 if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
                     reason = f"timed out after {timeout:g} s"
                 if attempt == retries:

@@ -161,7 +161,7 @@ def _load_array(path: Path, file: MnistFile) -> np.ndarray:
     """Decoded contents of an MNIST file, from the .npy cache when the source has not changed."""
     stat = path.stat()
     source_key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-    version_key = f"{stat.st_size}-{stat.st_mtime_ns}"
+    version_key = f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ino}"
     cache_dir = decoded_cache_dir()
     cached = cache_dir / f"{source_key}-{version_key}-{file.name}.npy"
     if cached.is_file():

@@ -1,0 +1,256 @@
+"""The `lenet5` command: a thin layer that parses options, calls the library and prints.
+
+Errors the user can fix (lenet5.errors) become one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+import lenet5
+from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
+from lenet5.errors import ConfigError, Lenet5Error
+from lenet5.evaluate import evaluate_checkpoint
+from lenet5.models import count_parameters, create_model, describe, list_models
+from lenet5.train import Callback, TrainConfig, fit, resume
+
+OFFLINE_ENV = "LENET5_OFFLINE"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+# ---------------------------------------------------------------- progress shown to the user
+class DownloadProgress:
+    """A byte progress bar per downloaded file (hidden when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.name = ""
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name != self.name or self.bar is None:
+            self.close()
+            self.name = name
+            self.bar = tqdm(total=total, desc=f"downloading {name}", unit="B", unit_scale=True, disable=None)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleProgress(Callback):
+    """Keras-style output: a header, a progress bar per epoch, one line of figures per epoch."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, run_dir, config, env, start_epoch) -> None:
+        rev = f", git {env['git_revision']}" if env.get("git_revision") else ""
+        where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
+        print(f"lenet5 {env['lenet5']}{rev} | torch {env['torch']} | {env['device']} ({where})")
+        model = create_model(config.model)
+        print(f"model {config.model} ({count_parameters(model):,} parameters) | {config.optimizer} lr {config.lr:g} "
+              f"| {config.schedule} schedule | batch {config.batch_size} | {config.epochs} epochs | seed {config.seed}")
+        print(f"run folder: {run_dir}" + (f" (resuming after epoch {start_epoch})" if start_epoch else ""),
+              flush=True)
+
+    def on_epoch_begin(self, epoch, epochs, steps) -> None:
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, disable=None)
+
+    def on_batch_end(self, step, loss, accuracy) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.4f} acc {accuracy:.2%}", refresh=False)
+
+    def on_epoch_end(self, record) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        print(f"epoch {record['epoch']:>2}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"
+              f"  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+              f"  |  lr {record['lr']:.2e}  {record['seconds']:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------- options
+def _field_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field. Unset options stay out of the namespace (SUPPRESS),
+    so a --config file or a resumed run's config.json is only overridden by what was typed."""
+    group = parser.add_argument_group("training options (TrainConfig; defaults reproduce the blog post's run)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(hints[f.name])
+        help_text = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default is not None else "")
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                               metavar=None if f.metadata.get("choices") else f.name.upper(), help=help_text)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-dir", type=Path, default=None,
+                       help=f"folder with the MNIST files (default: ${DATA_ENV}, else {resolve_data_dir(None)})")
+    group.add_argument("--offline", action=argparse.BooleanOptionalAction,
+                       default=os.environ.get(OFFLINE_ENV, "") not in ("", "0"),
+                       help=f"never download; missing files are an error (default: ${OFFLINE_ENV}, else off)")
+    group.add_argument("--mirror", action="append", metavar="URL",
+                       help=f"download from this mirror (repeatable; default: ${MIRRORS_ENV}, else the built-in list)")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds before a stalled download is abandoned")
+    group.add_argument("--retries", type=int, default=2, help="retries per mirror for transient failures")
+
+
+def load_data(args: argparse.Namespace):
+    if args.timeout <= 0 or args.retries < 0:
+        raise ConfigError("--timeout must be positive and --retries not negative")
+    progress = DownloadProgress()
+    try:
+        return load_mnist(args.data_dir, download=not args.offline, mirrors=args.mirror, timeout=args.timeout,
+                          retries=args.retries, progress=progress)
+    finally:
+        progress.close()
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    progress = [] if args.quiet else [ConsoleProgress()]
+    if args.resume:
+        if args.config or set(given) - {"epochs"}:
+            raise ConfigError("--resume continues a run with its own config.json; only --epochs may be given with it")
+        result = resume(args.resume, load_data(args), epochs=given.get("epochs"), callbacks=progress)
+    else:
+        base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
+        if "optimizer" in given and "lr" not in given:
+            base.pop("lr", None)  # the new optimizer's default rate, not the old one's
+        config = TrainConfig.from_dict({**base, **given})
+        name = args.name or f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}"
+        run_dir = args.out_dir / name
+        if (run_dir / "config.json").exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+        result = fit(config, load_data(args), run_dir, callbacks=progress)
+    m = result.metrics
+    print(f"test accuracy {m['test_acc']:.2%} (error {m['test_error']:.2%}) after {m['epochs']} epochs; "
+          f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']}; {m['seconds']:.1f} s")
+    print(f"wrote {result.run_dir}/: config.json history.csv history.json curves.png metrics.json "
+          "checkpoints/{last,best}.safetensors")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.batch_size <= 0 or args.test_samples < 0:
+        raise ConfigError("--batch-size must be positive and --test-samples not negative")
+    result = evaluate_checkpoint(args.checkpoint, load_data(args), device=args.device, batch_size=args.batch_size,
+                                 test_samples=args.test_samples)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['checkpoint']}: {result['model']} ({result['parameters']:,} parameters), "
+              f"epoch {result['epoch']}")
+        print(f"test accuracy {result['test_accuracy']:.2%}  error {result['test_error']:.2%} "
+              f"({result['errors']} of {result['test_images']:,})  loss {result['test_loss']:.4f}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = [{"name": n, "parameters": count_parameters(create_model(n)), "description": describe(n)}
+            for n in list_models()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'model':<{width}}  {'parameters':>10}  description")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['parameters']:>10,}  {r['description']}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    mnist = load_data(args)
+    root = resolve_data_dir(args.data_dir)
+    print(f"MNIST in {root}")
+    for file in FILES:
+        path = root / file.name
+        if path.is_file():
+            ok = sha256_of(path) == file.sha256  # re-checked in full every time `lenet5 data` runs
+            print(f"  {file.name:<28} {path.stat().st_size:>10,} bytes  sha256 {'ok' if ok else 'MISMATCH'}")
+            if not ok:
+                raise ConfigError(f"{path}: checksum mismatch; delete it and run `lenet5 data` again")
+        else:
+            print(f"  {file.name.removesuffix('.gz'):<28} (uncompressed copy: no published checksum)")
+    for name, split in (("train", mnist.train), ("test", mnist.test)):
+        print(f"  {name:<5} {len(split):>6,} images 28x28, per class: {' '.join(map(str, split.class_counts()))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lenet5", description=(
+        "Train, evaluate and use LeNet-5 digit recognisers on MNIST. "
+        "`lenet5 train` with no options reproduces the blog post's Keras LeNet run."))
+    parser.add_argument("--version", action="version", version=f"lenet5 {lenet5.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model, writing a run folder",
+                                description="Train a model; every epoch updates the run folder "
+                                            "(config, history, curves, metrics, checkpoints).")
+    add_config_options(train)
+    run = train.add_argument_group("run folder")
+    run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent of run folders (default: runs)")
+    run.add_argument("--name", help="run folder name (default: DATE-TIME-MODEL)")
+    run.add_argument("--config", type=Path, help="start from this config.json (options typed here override it)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="print only the final summary")
+    add_data_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    ev = commands.add_parser("evaluate", help="test loss and accuracy of a checkpoint")
+    ev.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    ev.add_argument("--batch-size", type=int, default=2000, help="images per evaluation step (default: 2000)")
+    ev.add_argument("--test-samples", type=int, default=0, help="first N test images only (default: all)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_data_options(ev)
+    ev.set_defaults(handler=cmd_evaluate)
+
+    models = commands.add_parser("models", help="list the registered models with their parameter counts")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
+    models.set_defaults(handler=cmd_models)
+
+    data = commands.add_parser("data", help="download, verify and describe MNIST",
+                               description="Fetch any missing MNIST file (unless --offline), verify every "
+                                           "file's SHA-256, and show what is there.")
+    add_data_options(data)
+    data.set_defaults(handler=cmd_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Lenet5Error as e:
+        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        hint = " (continue with `lenet5 train --resume RUN_DIR`)" if args.command == "train" else ""
+        print(f"lenet5 {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real MNIST files, an isolated cache, and a loopback mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lenet5.data import FILES, load_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+# CI and developers keep the four published files in ../shared/mnist; LENET5_TEST_DATA overrides.
+MNIST_DIR = Path(os.environ.get("LENET5_TEST_DATA", REPO.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """Keep the user's cache and settings out of the tests, and the tests' out of the user's."""
+    for name in ("LENET5_DATA", "LENET5_OFFLINE", "LENET5_MIRRORS"):
+        os.environ.pop(name, None)
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    missing = [f.name for f in FILES if not (MNIST_DIR / f.name).is_file()]
+    if missing:
+        pytest.fail(f"the MNIST files are needed in {MNIST_DIR} (or $LENET5_TEST_DATA); missing: {missing}")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    return load_mnist(mnist_dir, download=False)

@@ -1,0 +1,65 @@
+"""TrainConfig round-trips, validation, and the schedules' shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lenet5.errors import ConfigError
+from lenet5.train import TrainConfig
+from lenet5.train.optim import lr_multiplier
+
+
+def test_defaults_are_the_blog_posts_run():
+    config = TrainConfig()
+    assert (config.model, config.optimizer, config.lr, config.batch_size, config.epochs) == (
+        "keras-lenet", "rmsprop", 1e-3, 32, 3)
+    assert (config.rho, config.eps) == (0.9, 1e-7)  # Keras' RMSprop, not PyTorch's (0.99, 1e-8)
+
+
+def test_round_trips_through_json(tmp_path):
+    config = TrainConfig(model="lenet5", optimizer="sgd", nesterov=True, schedule="onecycle", seed=7)
+    assert config.lr == 0.01  # the optimizer's default rate is resolved and recorded
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert TrainConfig.from_json(path) == config
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"epochs": 0}, "--epochs must be positive"),
+    ({"batch_size": -4}, "--batch-size must be positive"),
+    ({"lr": -0.1}, "--lr must be positive"),
+    ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+    ({"schedule": "linear"}, "unknown schedule"),
+    ({"train_samples": -1}, "--train-samples must not be negative"),
+    ({"rho": 1.0}, "--rho must be in"),
+    ({"nesterov": True, "optimizer": "adam"}, "--nesterov needs --optimizer sgd"),
+    ({"device": "tpu"}, "--device must be"),
+])
+def test_impossible_options_are_named(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**options)
+
+
+def test_unknown_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown training option.*: colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable JSON config"):
+        TrainConfig.from_json(bad)
+
+
+def test_schedule_shapes():
+    steps = 100
+    onecycle = lr_multiplier(TrainConfig(schedule="onecycle", epochs=4, warmup=0.25), steps)
+    assert onecycle(0) == pytest.approx(1 / 25)
+    assert onecycle(100) == pytest.approx(1.0)  # peak at the end of the warm-up
+    assert onecycle(399) < 1e-3
+    values = [onecycle(s) for s in range(400)]
+    assert max(values) == pytest.approx(1.0)
+    step = lr_multiplier(TrainConfig(schedule="step", epochs=4, step_epochs=2, gamma=0.5), steps)
+    assert [step(s) for s in (0, 199, 200, 399)] == [1.0, 1.0, 0.5, 0.5]
+    cosine = lr_multiplier(TrainConfig(schedule="cosine", epochs=2), steps)
+    assert cosine(0) == 1.0 and cosine(100) == pytest.approx(0.5) and cosine(200) == pytest.approx(0.0)

@@ -1,0 +1,116 @@
+"""Fetching, verifying, caching and loading MNIST, against a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from lenet5.data import FILES, fetch_mnist, load_mnist
+from lenet5.data.download import download_file
+from lenet5.data.mnist import sha256_of
+from lenet5.errors import DataError, DownloadError
+from mirror import Mirror
+from test_idx import TEST_COUNTS, copy_mnist
+
+LABELS = next(f for f in FILES if f.name == "t10k-labels-idx1-ubyte.gz")
+IMAGES = next(f for f in FILES if f.name == "t10k-images-idx3-ubyte.gz")
+
+
+def download(mirror, modes, dest, file=LABELS, **kwargs):
+    kwargs = {"timeout": 5.0, "retries": 0, "backoff": 0.0, **kwargs}
+    return download_file(file.name, file.size, file.sha256, dest, [mirror.url(m) for m in modes], **kwargs)
+
+
+def test_downloads_all_four_files_verified_then_loads_them(mnist_dir, tmp_path):
+    dest = tmp_path / "mnist"
+    seen = []
+    with Mirror(mnist_dir) as mirror:
+        mnist = load_mnist(dest, mirrors=[mirror.url("good")], progress=lambda n, d, t: seen.append((n, d, t)))
+        assert sum(mirror.hits.values()) == 4
+        load_mnist(dest, mirrors=[mirror.url("good")])  # everything is cached now
+        assert sum(mirror.hits.values()) == 4
+    for file in FILES:
+        assert sha256_of(dest / file.name) == file.sha256
+    assert sorted(p.name for p in dest.iterdir()) == sorted(f.name for f in FILES)  # no temp files left
+    assert mnist.test.class_counts() == TEST_COUNTS
+    assert seen[-1] == ("t10k-labels-idx1-ubyte.gz", LABELS.size, LABELS.size)
+
+
+def test_bad_mirrors_are_skipped_until_a_good_one(mnist_dir, tmp_path):
+    with Mirror(mnist_dir) as mirror:
+        path = download(mirror, ["missing", "html", "wrong", "truncated", "cut", "good"], tmp_path, file=IMAGES)
+        assert mirror.hits[f"/good/{IMAGES.name}"] == 1
+    assert sha256_of(path) == IMAGES.sha256
+
+
+def test_every_failure_is_named_and_nothing_is_left_behind(mnist_dir, tmp_path):
+    with Mirror(mnist_dir) as mirror, pytest.raises(DownloadError) as err:
+        download(mirror, ["missing", "html", "wrong", "truncated", "cut"], tmp_path, file=IMAGES)
+    message = str(err.value)
+    assert message.startswith("t10k-images-idx3-ubyte.gz: could not be downloaded")
+    for reason in ("missing/t10k-images-idx3-ubyte.gz: HTTP 404", "html/t10k-images-idx3-ubyte.gz: served an HTML page",
+                   "wrong/t10k-images-idx3-ubyte.gz: checksum mismatch",
+                   "truncated/t10k-images-idx3-ubyte.gz: truncated: expected 1648877 bytes, got 824438",
+                   "cut/t10k-images-idx3-ubyte.gz: truncated: expected 1648877 bytes, got 824438"):
+        assert reason in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hanging_server_times_out(mnist_dir, tmp_path):
+    with Mirror(mnist_dir) as mirror:
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"timed out after 0.3 s"):
+            download(mirror, ["hang"], tmp_path, timeout=0.3)
+        assert time.monotonic() - started < 2.5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transient_errors_are_retried(mnist_dir, tmp_path):
+    with Mirror(mnist_dir) as mirror:
+        download(mirror, ["flaky"], tmp_path, retries=1)
+        assert mirror.hits[f"/flaky/{LABELS.name}"] == 2
+    with Mirror(mnist_dir) as mirror, pytest.raises(DownloadError, match="HTTP 503"):
+        download(mirror, ["flaky"], tmp_path / "again", retries=0)
+
+
+def test_offline_never_touches_the_network(mnist_dir, tmp_path):
+    with Mirror(mnist_dir) as mirror:
+        os.environ["LENET5_MIRRORS"] = mirror.url("good")
+        try:
+            with pytest.raises(DataError, match="not found in .* and downloads are off"):
+                fetch_mnist(tmp_path, download=False)
+        finally:
+            del os.environ["LENET5_MIRRORS"]
+        assert sum(mirror.hits.values()) == 0
+
+
+def test_a_file_with_the_wrong_checksum_is_refused(mnist_dir, tmp_path):
+    data_dir = copy_mnist(mnist_dir, tmp_path / "mnist")
+    target = data_dir / LABELS.name
+    content = bytearray(target.read_bytes())
+    content[-1] ^= 0xFF
+    target.write_bytes(bytes(content))
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        load_mnist(data_dir, download=False)
+    target.write_bytes(bytes(content[:100]))
+    with pytest.raises(DataError, match="100 bytes, expected 4542"):
+        load_mnist(data_dir, download=False)
+
+
+def test_decoded_cache_makes_reloading_fast_and_follows_changes(mnist_dir, tmp_path):
+    data_dir = copy_mnist(mnist_dir, tmp_path / "mnist")
+    load_mnist(data_dir, download=False)
+    started = time.perf_counter()
+    mnist = load_mnist(data_dir, download=False)
+    assert time.perf_counter() - started < 1.0
+    assert mnist.train.class_counts()[0] == 5923
+    # A changed source is not hidden by the cache: it is verified again.
+    target = data_dir / LABELS.name
+    stat = target.stat()
+    content = target.read_bytes()
+    target.write_bytes(content[:-1] + bytes([content[-1] ^ 0xFF]))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edit a second later
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_mnist(data_dir, download=False)

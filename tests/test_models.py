@@ -1,0 +1,59 @@
+"""Every registered model, parametrised over the registry as timm does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lenet5.errors import ConfigError
+from lenet5.models import count_parameters, create_model, describe, list_models
+
+# A new architecture must state its parameter count here: the test fails until it does.
+EXPECTED_PARAMETERS = {
+    "keras-lenet": 1_256_080,  # the reference notebook's summary
+    "lenet5": 61_706,
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_shapes_parameters_and_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    assert count_parameters(model) == EXPECTED_PARAMETERS[name]
+    assert describe(name), "the docstring's first line describes the model"
+    x = torch.rand(5, 1, 28, 28)
+    outputs = model(x)
+    logits = model.logits(outputs)
+    assert logits.shape == (5, 10) and torch.isfinite(logits).all()
+    loss = model.loss(outputs, torch.arange(5))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert model.registry_name == name
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_batch_independence(name):
+    """Each image's output depends on that image only (no batch statistics leak in eval mode)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_keras_lenet_starts_like_keras():
+    model = create_model("keras-lenet")
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert torch.count_nonzero(m.bias) == 0  # Keras initialises biases to zero
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown model 'lenet7'; choose one of: keras-lenet, lenet5"):
+        create_model("lenet7")
+    with pytest.raises(ConfigError, match="model 'lenet5'"):
+        create_model("lenet5", widht=3)
