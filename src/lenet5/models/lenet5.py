@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lenet5.models.layers import Tanh
 from lenet5.models.registry import DigitClassifier, register_model
 
 
@@ -21,17 +22,17 @@ class LeNet5(DigitClassifier):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.Tanh(),  # C1: (B, 6, 28, 28)
+            nn.Conv2d(1, 6, 5, padding=2), Tanh(),  # C1: (B, 6, 28, 28)
             nn.AvgPool2d(2, 2),  # S2: (B, 6, 14, 14)
-            nn.Conv2d(6, 16, 5), nn.Tanh(),  # C3: (B, 16, 10, 10)
+            nn.Conv2d(6, 16, 5), Tanh(),  # C3: (B, 16, 10, 10)
             nn.AvgPool2d(2, 2),  # S4: (B, 16, 5, 5)
         )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, 1, 28, 28)).numel()  # 400
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(flat, 120), nn.Tanh(),  # C5
-            nn.Linear(120, 84), nn.Tanh(),  # F6
+            nn.Linear(flat, 120), Tanh(),  # C5
+            nn.Linear(120, 84), Tanh(),  # F6
             nn.Linear(84, num_classes),  # output logits
         )
 

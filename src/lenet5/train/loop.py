@@ -29,7 +29,7 @@ from lenet5.evaluate import evaluate
 from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.models import DigitClassifier, count_parameters, create_model
 from lenet5.plots import plot_curves
-from lenet5.runtime import environment, resolve_device
+from lenet5.runtime import environment, resolve_device, tune_allocator
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.state import load_train_state, restore_rng, save_train_state
@@ -134,6 +134,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     device = resolve_device(config.device)
+    tune_allocator()
     if config.threads:
         torch.set_num_threads(config.threads)
     train = mnist.train.head(config.train_samples).to(device)

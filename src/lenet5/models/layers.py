@@ -1,0 +1,42 @@
+"""Building blocks shared by the architectures."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1, with the derivative 1 - y^2 taken from the saved output.
+
+    Speed trick: PyTorch's CPU tanh and tanh_backward kernels are slow (about 1 ms forward and
+    0.8 ms backward on 602k floats here, 30x an elementwise multiply), while sigmoid is fast.
+    This pair of kernels is 3.4x faster forward + backward on LeNet-5's C1 activations
+    (128x6x28x28, 2 cores) and agrees with torch.tanh to 2e-7.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad - grad * y * y
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh, fast on CPU; plain torch.tanh where a tracer, exporter or compiler needs standard ops."""
+    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() \
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return torch.tanh(x)
+    return _SigmoidTanh.apply(x)
+
+
+class Tanh(nn.Module):
+    """Drop-in for nn.Tanh that uses the fast CPU path above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tanh(x)
