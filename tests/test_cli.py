@@ -100,3 +100,18 @@ def test_the_module_and_console_script_entry_points(data_env, tmp_path):
     assert result.returncode == 1
     assert "bad.safetensors: not a readable safetensors checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_data_command_downloads_from_a_mirror_and_verifies(mnist_dir, tmp_path, capsys):
+    from mirror import Mirror
+
+    with Mirror(mnist_dir) as mirror:
+        code, out, err = run(capsys, "data", "--data-dir", str(tmp_path), "--mirror", mirror.url("html"),
+                             "--mirror", mirror.url("good"), "--retries", "0")
+    assert code == 0, err
+    assert out.count("sha256 ok") == 4 and "10,000 images" in out
+    with Mirror(mnist_dir) as mirror:
+        code, _, err = run(capsys, "data", "--data-dir", str(tmp_path / "empty"), "--mirror", mirror.url("wrong"),
+                           "--retries", "0")
+    assert code == 1 and "checksum mismatch" in err and len(err.strip().splitlines()) == 1
+    assert not any((tmp_path / "empty").iterdir())
