@@ -16,9 +16,9 @@ from typing import Any
 from lenet5.errors import ConfigError
 from lenet5.models import list_models
 
-OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "onecycle", "cosine")
-DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "sdlm")
+SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998")
+DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "sdlm": 5e-4}
 
 
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
@@ -32,18 +32,26 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata=_opt("training images per step"))
     optimizer: str = field(default="rmsprop", metadata=_opt("optimizer", choices=OPTIMIZERS))
     lr: float | None = field(default=None, metadata=_opt(
-        "peak learning rate (default: rmsprop/adam/adamw 1e-3, sgd 0.01)"))
+        "peak learning rate (default: rmsprop/adam/adamw 1e-3, sgd 0.01, sdlm 5e-4)"))
     momentum: float = field(default=0.9, metadata=_opt("SGD momentum (sgd only)"))
     nesterov: bool = field(default=False, metadata=_opt("Nesterov momentum (sgd only)"))
     weight_decay: float = field(default=0.0, metadata=_opt(
         "weight decay (decoupled for adamw, L2 for the others)"))
     rho: float = field(default=0.9, metadata=_opt("RMSprop decay of the squared-gradient average (Keras: 0.9)"))
     eps: float = field(default=1e-7, metadata=_opt("RMSprop/Adam epsilon (Keras: 1e-7)"))
-    schedule: str = field(default="constant", metadata=_opt("learning-rate schedule, updated every step",
-                                                           choices=SCHEDULES))
+    mu: float = field(default=0.02, metadata=_opt("SDLM: mu in the step lr / (mu + h_kk) (paper: 0.02)"))
+    hessian_samples: int = field(default=500, metadata=_opt(
+        "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
+    schedule: str = field(default="constant", metadata=_opt(
+        "learning-rate schedule, updated every step; lecun1998: the paper's per-pass rates, as "
+        "multiples of --lr (1, 1, 0.4 x3, 0.2 x3, 0.1 x4, then 0.02)", choices=SCHEDULES))
     step_epochs: int = field(default=1, metadata=_opt("step schedule: epochs between decays"))
     gamma: float = field(default=0.1, metadata=_opt("step schedule: decay factor"))
     warmup: float = field(default=0.25, metadata=_opt("onecycle: fraction of the steps spent warming up"))
+    distort: bool = field(default=False, metadata=_opt(
+        "random affine distortions of every training batch (the paper's, see lenet5.data.distort)"))
+    eval_train: bool = field(default=False, metadata=_opt(
+        "also measure loss and error on the whole (undistorted) training set after each epoch"))
     seed: int = field(default=0, metadata=_opt("seed for initialisation and shuffling"))
     device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N, or auto (cuda when available)"))
     train_samples: int = field(default=0, metadata=_opt("use the first N training images (0: all 60,000)"))
@@ -65,7 +73,8 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-                    "step_epochs": self.step_epochs, "lr": self.lr}
+                    "step_epochs": self.step_epochs, "lr": self.lr, "mu": self.mu,
+                    "hessian_samples": self.hessian_samples}
         for name, value in positive.items():
             if not value or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -83,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"--warmup must be in (0, 1), got {self.warmup}")
         if self.eps <= 0:
             raise ConfigError(f"--eps must be positive, got {self.eps}")
+        if self.optimizer == "sdlm" and self.model != "lenet5-1998":
+            raise ConfigError("--optimizer sdlm needs a model with a Gauss-Newton output: --model lenet5-1998")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("--nesterov needs --optimizer sgd and a non-zero --momentum")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")

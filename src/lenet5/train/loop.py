@@ -17,12 +17,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.data import MNIST, Split
+from lenet5.data.distort import random_affine
 from lenet5.data.transforms import to_model_input
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate
@@ -32,9 +33,11 @@ from lenet5.plots import plot_curves
 from lenet5.runtime import environment, resolve_device, tune_allocator
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
+from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import load_train_state, restore_rng, save_train_state
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds")
+EVAL_TRAIN_FIELDS = ("train_eval_loss", "train_eval_acc")  # with TrainConfig.eval_train
 
 
 class TrainingError(Lenet5Error):
@@ -68,9 +71,11 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, train: Split, batch_size: int,
-                order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50) -> tuple[float, float]:
+                order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50,
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
     """One pass over `train` in the given order; returns the running mean loss and accuracy
-    (as Keras reports them: averaged over the epoch's batches while the weights change)."""
+    (as Keras reports them: averaged over the epoch's batches while the weights change).
+    `augment`, if given, transforms each (B, 1, 28, 28) float batch on its device."""
     model.train()
     device = train.images.device
     loss_sum = torch.zeros((), device=device)
@@ -79,6 +84,8 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
     for step, start in enumerate(range(0, len(order), batch_size), 1):
         idx = order[start:start + batch_size]
         x, y = to_model_input(train.images[idx]), train.labels[idx]  # (B, 1, 28, 28), (B,)
+        if augment is not None:
+            x = augment(x)
         outputs = model(x)
         loss = model.loss(outputs, y)
         optimizer.zero_grad(set_to_none=True)
@@ -98,7 +105,7 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
 def _write_history(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
     atomic_write_json(run_dir / "history.json", history)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "history.csv", text.getvalue())
@@ -176,9 +183,13 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
             cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
+        if isinstance(optimizer, SDLM):
+            # Appendix C: re-estimate the Hessian's diagonal on a few hundred samples before each pass.
+            sample = epoch_permutation(config.seed + 1, epoch, len(train))[: config.hessian_samples].to(device)
+            optimizer.set_hessian(diagonal_hessian(model, train.images[sample]))
         train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size,
                                             epoch_permutation(config.seed, epoch, len(train)).to(device),
-                                            callbacks)
+                                            callbacks, augment=random_affine if config.distort else None)
         train_seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
@@ -187,6 +198,9 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                   "test_acc": test_acc, "lr": lr, "train_seconds": train_seconds,
                   "seconds": time.perf_counter() - started}
+        if config.eval_train:
+            record["train_eval_loss"], record["train_eval_acc"] = evaluate(model, train.images, train.labels,
+                                                                           config.eval_batch_size)
         history.append(record)
 
         metrics = {k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}

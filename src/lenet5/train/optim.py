@@ -13,6 +13,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lenet5.train.config import TrainConfig
+from lenet5.train.sdlm import SDLM
+
+# The paper's global step for passes 1-2, 3-5, 6-8, 9-12 and after (appendix C / section III.C).
+LECUN1998_RATES = ((2, 5e-4), (5, 2e-4), (8, 1e-4), (12, 5e-5), (None, 1e-5))
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -28,6 +32,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
         return torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
+    if config.optimizer == "sdlm":
+        return SDLM(params, lr=lr, mu=config.mu)
     raise AssertionError(config.optimizer)  # TrainConfig.validate() rejects anything else
 
 
@@ -41,6 +47,17 @@ def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], 
         return lambda step: config.gamma ** (step // every)
     if config.schedule == "cosine":
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    if config.schedule == "lecun1998":
+        peak = LECUN1998_RATES[0][1]
+
+        def lecun1998(step: int) -> float:
+            completed = step // steps_per_epoch  # passes finished before this step
+            for last_pass, rate in LECUN1998_RATES:
+                if last_pass is None or completed < last_pass:
+                    return rate / peak
+            raise AssertionError
+
+        return lecun1998
     if config.schedule == "onecycle":
         # Smith & Topin's one-cycle policy: linear warm-up from lr/25, then cosine annealing
         # down to lr/1e4 (the constants of torch's OneCycleLR, without its momentum cycling,
