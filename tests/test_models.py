@@ -12,6 +12,7 @@ from lenet5.models import count_parameters, create_model, describe, list_models
 EXPECTED_PARAMETERS = {
     "keras-lenet": 1_256_080,  # the reference notebook's summary
     "lenet5": 61_706,
+    "lenet5-1998": 60_000,  # the paper, section II.B
 }
 
 
@@ -53,7 +54,7 @@ def test_keras_lenet_starts_like_keras():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ConfigError, match="unknown model 'lenet7'; choose one of: keras-lenet, lenet5"):
+    with pytest.raises(ConfigError, match="unknown model .lenet7.; choose one of: keras-lenet, lenet5, lenet5-1998"):
         create_model("lenet7")
     with pytest.raises(ConfigError, match="model 'lenet5'"):
         create_model("lenet5", widht=3)

@@ -1,0 +1,160 @@
+"""The 1998 network against the paper's numbers, SDLM, and the distortions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lenet5.data import MNIST
+from lenet5.data.distort import DistortionRanges, random_affine
+from lenet5.data.transforms import to_model_input
+from lenet5.models import count_parameters, create_model
+from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
+from lenet5.reproduce import lecun1998_config, reproduce_lecun1998
+from lenet5.train import TrainConfig, fit
+from lenet5.train.optim import lr_multiplier
+from lenet5.train.sdlm import SDLM, diagonal_hessian
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return create_model("lenet5-1998")
+
+
+def test_parameters_and_connections_per_layer_are_the_papers(model):
+    per_layer = {name: count_parameters(getattr(model, name)) for name in ("C1", "S2", "C3", "S4", "C5", "F6")}
+    assert per_layer == {"C1": 156, "S2": 12, "C3": 1516, "S4": 32, "C5": 48_120, "F6": 10_164}
+    assert count_parameters(model) == 60_000
+    assert connections(model) == {"C1": 122_304, "S2": 5_880, "C3": 151_600, "S4": 2_000, "C5": 48_120,
+                                  "F6": 10_164, "output": 840, "total": 340_908}
+
+
+def test_squash_and_input_scaling(model):
+    assert squash(torch.tensor([1.0, -1.0, 0.0])).tolist() == pytest.approx([1.0, -1.0, 0.0], abs=1e-4)
+    assert (A, S) == (1.7159, 2 / 3)
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10, 10] = 1.0
+    inp = model.input_transform(x)
+    assert inp.shape == (1, 1, 32, 32)
+    assert inp[0, 0, 12, 12].item() == pytest.approx(1.175)  # ink, shifted by the 2-pixel border
+    assert inp[0, 0, 0, 0].item() == pytest.approx(-0.1) and inp.min().item() == pytest.approx(-0.1)
+
+
+def test_c3_connects_only_table_one(model):
+    kernel = model.C3.dense_kernel()
+    for o in range(16):
+        for i in range(6):
+            connected = i in C3_TABLE[o]
+            assert bool(kernel[o, i].abs().sum() > 0) == connected, (o, i)
+    # An S2 map outside a C3 map's row of the table cannot change that map's output.
+    s2 = torch.randn(2, 6, 14, 14)
+    poked = s2.clone()
+    poked[:, 5] += 10.0
+    before, after = model.C3(s2), model.C3(poked)
+    for o, inputs in enumerate(C3_TABLE):
+        assert torch.equal(before[:, o], after[:, o]) == (5 not in inputs), o
+
+
+def test_unconnected_kernels_stay_zero_through_training(model, mnist):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = to_model_input(mnist.train.images[:64]), mnist.train.labels[:64]
+    dense = model.C3.dense_kernel()
+    dense.retain_grad()
+    F.conv2d(torch.randn(2, 6, 14, 14), dense).sum().backward()
+    for o in range(16):
+        for i in range(6):
+            if i not in C3_TABLE[o]:
+                assert torch.count_nonzero(dense.grad[o, i]) > 0  # a dense kernel would learn here...
+    for _ in range(5):
+        optimizer.zero_grad()
+        model.loss(model(x), y).backward()
+        optimizer.step()
+    kernel = model.C3.dense_kernel()
+    for o in range(16):
+        for i in range(6):
+            if i not in C3_TABLE[o]:
+                assert torch.count_nonzero(kernel[o, i]) == 0  # ...the sparse C3 cannot
+
+
+def test_rbf_prototypes_are_fixed_plus_minus_one_bitmaps(model, mnist):
+    prototypes = rbf_prototypes()
+    assert prototypes.shape == (10, 84) and set(prototypes.unique().tolist()) == {-1.0, 1.0}
+    distances = torch.cdist(prototypes, prototypes, p=1) / 2  # Hamming distance between bitmaps
+    assert distances[~torch.eye(10, dtype=torch.bool)].min() >= 8  # every digit is distinct
+    assert "output.prototypes" not in dict(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer.zero_grad()
+    model.loss(model(to_model_input(mnist.train.images[:32])), mnist.train.labels[:32]).backward()
+    optimizer.step()
+    assert torch.equal(model.output.prototypes, prototypes)
+
+
+def test_rbf_output_and_loss_match_a_hand_computation(model):
+    features = torch.zeros(1, 84)
+    assert model.output(features).tolist() == [[84.0] * 10]  # every prototype is at distance 84 from 0
+    penalties = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]])
+    j = model.j
+    expected = 3.0 + math.log(math.exp(-j) + sum(math.exp(-v) for v in range(1, 11)))
+    assert model.loss(penalties, torch.tensor([2])).item() == pytest.approx(expected, rel=1e-6)
+    assert model.logits(penalties).argmax(1).item() == 0  # the smallest penalty wins
+
+
+def test_sdlm_hessian_is_positive_and_steps_are_sane(model, mnist):
+    images = mnist.train.images[:500]
+    hessian = diagonal_hessian(model, images)
+    for name, p in model.named_parameters():
+        assert hessian[p].shape == p.shape and (hessian[p] >= 0).all() and hessian[p].sum() > 0, name
+    # F6's weights share nothing, so the estimate is exact there: 2 f'(a)^2 x^2 averaged.
+    with torch.no_grad():
+        maps = model.activations(to_model_input(images))
+        fprime2 = (A * S * (1 - (maps["F6"] / A) ** 2)) ** 2
+        exact = (2 * fprime2[:, :, None] * maps["C5"].flatten(1)[:, None, :] ** 2).mean(0)
+    torch.testing.assert_close(hessian[model.F6.weight], exact, rtol=1e-4, atol=1e-9)
+    optimizer = SDLM(model.parameters(), lr=5e-4, mu=0.02)
+    optimizer.set_hessian(hessian)
+    model.loss(model(to_model_input(images[:8])), mnist.train.labels[:8]).backward()
+    optimizer.step()
+    for p in model.parameters():
+        steps = optimizer.state[p]["step_size"]
+        assert (steps <= 5e-4 / 0.02 + 1e-12).all() and (steps > 0).all()
+
+
+def test_the_papers_schedule():
+    rates = lr_multiplier(TrainConfig(model="lenet5-1998", optimizer="sdlm", schedule="lecun1998", epochs=20), 10)
+    per_pass = [rates(10 * p) * 5e-4 for p in range(20)]
+    assert per_pass == pytest.approx([5e-4] * 2 + [2e-4] * 3 + [1e-4] * 3 + [5e-5] * 4 + [1e-5] * 8)
+
+
+def test_sdlm_training_learns(mnist, tmp_path):
+    config = lecun1998_config(batch_size=16, epochs=1)
+    config.train_samples, config.test_samples = 10_000, 1_000
+    result = fit(config, mnist, tmp_path / "run")
+    assert result.history[0]["test_acc"] > 0.90
+
+
+def test_distortions_keep_the_digit_in_the_frame(mnist):
+    x = to_model_input(mnist.train.images[:1000])
+    assert torch.allclose(random_affine(x, DistortionRanges(0, 0, 0, 0)), x, atol=1e-5)
+    distorted = random_affine(x, generator=torch.Generator().manual_seed(0))
+    assert distorted.shape == x.shape and distorted.min() >= 0 and distorted.max() <= 1 + 1e-6
+    assert (distorted - x).abs().flatten(1).amax(1).min() > 0.1  # every digit was moved
+    # The same maps on a frame with 8 more pixels each side: what falls outside 28x28 was lost.
+    wide = random_affine(F.pad(x, (8, 8, 8, 8)), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(wide[..., 8:36, 8:36], distorted, atol=1e-4, rtol=0)
+    lost = 1 - wide[..., 8:36, 8:36].sum((1, 2, 3)) / wide.sum((1, 2, 3))
+    assert lost.median() < 0.001 and torch.quantile(lost, 0.99) < 0.05
+
+
+def test_reproduce_writes_its_report(mnist, tmp_path):
+    small = MNIST(train=mnist.train.head(2_000), test=mnist.test.head(500), root=mnist.root)
+    result, report = reproduce_lecun1998(small, tmp_path / "run", epochs=1, batch_size=16, distortions=True,
+                                         command="test")
+    text = report.read_text()
+    assert "test error against the paper's 0.80%" in text and "| 1 |" in text
+    assert (tmp_path / "run" / "error_curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "misclassified.png").stat().st_size > 1000
+    assert "train_eval_acc" in result.history[0]
