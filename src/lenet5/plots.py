@@ -49,6 +49,9 @@ def plot_error_curves(history: Sequence[dict], reference: float | None = None, t
     ax.plot(passes, [100 * (1 - r["test_acc"]) for r in history], "s-", label="test set error")
     if reference is not None:
         ax.axhline(100 * reference, color="grey", linestyle="--", label=f"paper: {100 * reference:.2f}% test error")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training set iterations (passes)")
     ax.set_ylabel("error rate (%)")
     ax.set_ylim(bottom=0)
