@@ -22,6 +22,7 @@ from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_
 from lenet5.errors import ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.models import count_parameters, create_model, describe, list_models
+from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.train import Callback, TrainConfig, fit, resume
 
@@ -187,6 +188,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    predictions = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
+                                     save_prepared=args.save_prepared)
+    if not predictions:
+        raise ConfigError("no image files found in the given folders")
+    if args.json:
+        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+    elif args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["file", "digit", "confidence", "top3", "error"])
+        for p in predictions:
+            writer.writerow([p.file, "" if p.digit is None else p.digit,
+                             "" if p.confidence is None else f"{p.confidence:.4f}",
+                             " ".join(f"{d}:{v:.3f}" for d, v in p.top3), p.error or ""])
+    else:
+        width = max(len(p.file) for p in predictions)
+        print(f"{'file':<{width}}  digit  confidence  top-3")
+        for p in predictions:
+            if p.error:
+                print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
+            else:
+                top = "  ".join(f"{d} {v:.1%}" for d, v in p.top3)
+                print(f"{p.file:<{width}}  {p.digit:>5}  {p.confidence:>10.1%}  {top}")
+    failed = sum(p.error is not None for p in predictions)
+    if failed:
+        print(f"lenet5 predict: {failed} of {len(predictions)} file(s) could not be used", file=sys.stderr)
+    return EXIT_ERROR if failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = [{"name": n, "parameters": count_parameters(create_model(n)), "description": describe(n)}
             for n in list_models()]
@@ -263,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quiet", action="store_true", help="print only the final summary")
     add_data_options(rep)
     rep.set_defaults(handler=cmd_reproduce)
+
+    pr = commands.add_parser("predict", help="predict the digit in your own images",
+                             description="Read each image (PNG, JPEG, BMP, GIF, WebP, TIFF; any size, colour or "
+                                         "grey, dark-on-light or light-on-dark), prepare it the way MNIST digits "
+                                         "were prepared, and predict its digit. A file that cannot be used gets "
+                                         "a one-line reason and the others go on; the exit status is 1 if any failed.")
+    pr.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
+    out = pr.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV")
+    pr.add_argument("--save-prepared", type=Path, metavar="DIR", help="save each prepared 28x28 input as a PNG here")
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    pr.set_defaults(handler=cmd_predict)
 
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")

@@ -1,0 +1,91 @@
+"""Predict digits in users' image files with a checkpoint, one clear line per unreadable file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from lenet5.checkpoint import load_checkpoint
+from lenet5.data.transforms import to_model_input
+from lenet5.fileio import atomic_write_bytes
+from lenet5.models import DigitClassifier
+from lenet5.preprocess import ImageError, prepare_file
+from lenet5.runtime import resolve_device
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Prediction:
+    file: str
+    digit: int | None = None
+    confidence: float | None = None
+    top3: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None
+    prepared: np.ndarray | None = field(default=None, repr=False)  # the 28x28 the model saw
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "digit": self.digit, "confidence": self.confidence,
+                "top3": [{"digit": d, "probability": p} for d, p in self.top3], "error": self.error}
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders as their image files (sorted, not recursive)."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        else:
+            paths.append(item)
+    return paths
+
+
+@torch.no_grad()
+def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """(N, 28, 28) uint8 MNIST-style digits -> (N, 10) probabilities."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [torch.softmax(model.logits(model(to_model_input(digits[i:i + batch_size].to(device)))), 1).cpu()
+           for i in range(0, len(digits), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 10)
+
+
+def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[Prediction]:
+    """Prepare every file MNIST-style and classify all of them in one batch. A file that cannot
+    be used gets its reason in `error`; the others are unaffected."""
+    predictions = [Prediction(file=str(p)) for p in paths]
+    ready = []
+    for prediction in predictions:
+        try:
+            prediction.prepared = prepare_file(prediction.file, Path(prediction.file).name)
+            ready.append(prediction)
+        except ImageError as e:
+            prediction.error = str(e)
+    if ready:
+        probs = class_probabilities(model, torch.from_numpy(np.stack([p.prepared for p in ready])))
+        for prediction, p in zip(ready, probs):
+            values, digits = p.topk(3)
+            prediction.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
+            prediction.digit, prediction.confidence = prediction.top3[0]
+    return predictions
+
+
+def predict_checkpoint(checkpoint: str | Path, inputs: Iterable[str | Path], *, device: str = "auto",
+                       save_prepared: str | Path | None = None) -> list[Prediction]:
+    """Load a checkpoint and predict every image file or folder of images in `inputs`."""
+    model = load_checkpoint(checkpoint, resolve_device(device)).model
+    predictions = predict_files(model, expand_inputs(inputs))
+    if save_prepared:
+        from PIL import Image
+        import io
+
+        for prediction in predictions:
+            if prediction.prepared is not None:
+                buffer = io.BytesIO()
+                Image.fromarray(prediction.prepared).save(buffer, "PNG")
+                atomic_write_bytes(Path(save_prepared) / f"{Path(prediction.file).stem}.28x28.png", buffer.getvalue())
+    return predictions

@@ -1,0 +1,127 @@
+"""Preparing users' images MNIST-style and predicting them, on images made here from MNIST digits."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lenet5.cli import main
+from lenet5.data.userlike import make_user_images
+from lenet5.preprocess import ImageError, load_grey, prepare_digit, prepare_file
+from lenet5.train import TrainConfig, fit
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(mnist, tmp_path_factory):
+    """A keras-lenet trained briefly (2 passes over 20,000 images): about 98% on MNIST."""
+    run = tmp_path_factory.mktemp("predict") / "run"
+    config = TrainConfig(model="keras-lenet", optimizer="adam", batch_size=64, epochs=2, train_samples=20_000,
+                         test_samples=2_000)
+    return fit(config, mnist, run)
+
+
+def test_an_mnist_digit_survives_preparation_unchanged_in_shape(mnist):
+    digit = mnist.test.images[0].numpy()
+    prepared = prepare_digit(digit.astype(np.float32) / 255)
+    assert prepared.shape == (28, 28) and prepared.dtype == np.uint8
+    ys, xs = np.nonzero(prepared > 30)
+    assert ys.max() - ys.min() <= 20 and xs.max() - xs.min() <= 20  # fitted into 20x20
+    weights = prepared.astype(float)
+    cy = (np.arange(28)[:, None] * weights).sum() / weights.sum()
+    cx = (np.arange(28)[None, :] * weights).sum() / weights.sum()
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # centre of mass where MNIST has it
+    agreement = np.corrcoef(prepared.ravel().astype(float), digit.ravel().astype(float))[0, 1]
+    assert agreement > 0.9
+
+
+def test_dark_on_light_and_light_on_dark_give_the_same_digit(mnist):
+    digit = mnist.test.images[1].numpy()
+    big = np.asarray(Image.fromarray(digit).resize((300, 300), Image.Resampling.BICUBIC))
+    canvas = np.zeros((500, 400), dtype=np.uint8)
+    canvas[40:340, 70:370] = big
+    light_on_dark = prepare_file(encode(canvas))
+    dark_on_light = prepare_file(encode(255 - canvas, "JPEG"))
+    assert np.abs(light_on_dark.astype(int) - dark_on_light.astype(int)).mean() < 12
+
+
+def test_transparent_canvas_drawings_are_flattened(mnist):
+    digit = np.asarray(Image.fromarray(mnist.test.images[2].numpy()).resize((280, 280)))
+    rgba = np.zeros((280, 280, 4), dtype=np.uint8)  # black strokes on a transparent canvas
+    rgba[..., 3] = digit
+    prepared = prepare_file(encode(rgba, mode="RGBA"))
+    assert prepared.max() > 200 and prepared[0].max() == 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: b"", "empty file"),
+    (lambda: b"<html>not an image</html>", "not an image file"),
+    (lambda: encode(np.full((50, 80), 255, np.uint8)), "no ink found"),
+    (lambda: encode(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "JPEG")[:300],
+     "damaged or truncated"),
+])
+def test_bad_inputs_get_a_reason(make, message):
+    with pytest.raises(ImageError, match=message):
+        prepare_file(make(), "upload")
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    # A valid 12,000 x 12,000 grey PNG (144 MP) that compresses to a few hundred kilobytes.
+    raw = zlib.compress(b"".join(b"\x00" + bytes(12_000) for _ in range(12_000)), 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12_000, 12_000, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="144 MP, more than the 50 MP accepted"):
+        load_grey(png, "bomb.png")
+
+
+def test_user_like_images_are_predicted_about_as_well_as_mnist(mnist, trained):
+    """200 test digits redrawn as users' photos and drawings, through the whole predict path."""
+    from lenet5.predict import predict_files
+
+    n = 200
+    users = make_user_images(mnist.test.images[:n].numpy(), mnist.test.labels[:n].numpy(), seed=1)
+    folder = trained.run_dir / "users"
+    folder.mkdir()
+    paths = []
+    for i, user in enumerate(users):
+        paths.append(folder / f"{i:03d}.{user.extension}")
+        paths[-1].write_bytes(user.data)
+    predictions = predict_files(trained.model, paths)
+    assert all(p.error is None for p in predictions)
+    accuracy = np.mean([p.digit == u.label for p, u in zip(predictions, users)])
+    mnist_accuracy = trained.history[-1]["test_acc"]
+    assert accuracy >= mnist_accuracy - 0.03, (accuracy, mnist_accuracy)
+
+
+def test_predict_command_reports_each_file(mnist, trained, tmp_path, capsys):
+    good = tmp_path / "seven.png"
+    good.write_bytes(encode(255 - np.asarray(Image.fromarray(mnist.test.images[0].numpy()).resize((200, 200)))))
+    (tmp_path / "notes.txt").write_text("not an image")
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code = main(["predict", str(trained.run_dir), str(good), str(bad), "--json",
+                 "--save-prepared", str(tmp_path / "prepared")])
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert code == 1 and "1 of 2 file(s) could not be used" in err
+    assert rows[0]["digit"] == 7 and rows[0]["error"] is None and len(rows[0]["top3"]) == 3
+    assert rows[1]["digit"] is None and "broken.png" in rows[1]["error"]
+    assert (tmp_path / "prepared" / "seven.28x28.png").is_file()
+    code = main(["predict", str(trained.run_dir), str(tmp_path), "--csv"])  # a folder: its images only
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[0] == "file,digit,confidence,top3,error" and "notes.txt" not in out
