@@ -58,3 +58,18 @@ def test_unknown_model_names_the_choices():
         create_model("lenet7")
     with pytest.raises(ConfigError, match="model 'lenet5'"):
         create_model("lenet5", widht=3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_activations_name_every_layer_and_end_in_the_output(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        maps = model.activations(x)
+        outputs = model(x)
+    names = list(maps)
+    assert names[0] == "input" and names[-1] == "output" and len(names) >= 6
+    torch.testing.assert_close(maps["output"], outputs)
+    for key, value in maps.items():
+        assert value.shape[0] == 2 and torch.isfinite(value).all(), key

@@ -176,8 +176,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.test_samples < 0:
         raise ConfigError("--batch-size must be positive and --test-samples not negative")
-    result = evaluate_checkpoint(args.checkpoint, load_data(args), device=args.device, batch_size=args.batch_size,
+    mnist = load_data(args)
+    result = evaluate_checkpoint(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
+    if args.report:
+        from lenet5.analysis import write_report
+        from lenet5.checkpoint import load_checkpoint
+        from lenet5.runtime import resolve_device
+
+        mnist.test = mnist.test.head(args.test_samples)
+        summary = write_report(load_checkpoint(args.checkpoint, resolve_device(args.device)), mnist, args.report)
+        result["rejection_for_0.5%_error"] = summary["rejection_for_0.5%_error"]
+        result["ece"] = summary["ece"]
+        result["report"] = str(args.report / "report.md")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -185,6 +196,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"epoch {result['epoch']}")
         print(f"test accuracy {result['test_accuracy']:.2%}  error {result['test_error']:.2%} "
               f"({result['errors']} of {result['test_images']:,})  loss {result['test_loss']:.4f}")
+        if args.report:
+            print(f"rejecting {result['rejection_for_0.5%_error']:.2%} brings the error to 0.5%; "
+                  f"calibration error {result['ece']:.4f}; report: {result['report']}")
     return 0
 
 
@@ -217,6 +231,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"lenet5 predict: {failed} of {len(predictions)} file(s) could not be used", file=sys.stderr)
     return EXIT_ERROR if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from lenet5.checkpoint import load_checkpoint
+    from lenet5.explain import explain_digit, explain_file, plot_explanation
+    from lenet5.fileio import atomic_write_bytes
+    from lenet5.runtime import resolve_device
+
+    checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    if (args.image is None) == (args.test_index is None):
+        raise ConfigError("give an IMAGE or --test-index N (one of them)")
+    if args.image is not None:
+        explanation = explain_file(checkpoint.model, args.image)
+        source = str(args.image)
+    else:
+        mnist = load_data(args)
+        if not 0 <= args.test_index < len(mnist.test):
+            raise ConfigError(f"--test-index must be in 0..{len(mnist.test) - 1}")
+        explanation = explain_digit(checkpoint.model, mnist.test.images[args.test_index].numpy())
+        source = f"MNIST test digit {args.test_index} (label {int(mnist.test.labels[args.test_index])})"
+    out = args.out or Path(f"{Path(source).stem if args.image else f'test-{args.test_index}'}.maps.png")
+    atomic_write_bytes(out, plot_explanation(explanation, f"{checkpoint.meta['model']}: {source}", args.max_maps))
+    layers = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in explanation.maps.items())
+    print(f"{source}: predicted {explanation.digit} ({explanation.probabilities.max():.1%})")
+    print(f"layers: {layers}")
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -276,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=2000, help="images per evaluation step (default: 2000)")
     ev.add_argument("--test-samples", type=int, default=0, help="first N test images only (default: all)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--report", type=Path, metavar="DIR",
+                    help="also write report.md with per-class precision/recall, confusion matrix (PNG, CSV), "
+                         "misclassified digits, rejection curve and calibration into DIR")
     add_data_options(ev)
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -309,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--save-prepared", type=Path, metavar="DIR", help="save each prepared 28x28 input as a PNG here")
     pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     pr.set_defaults(handler=cmd_predict)
+
+    ex = commands.add_parser("explain", help="draw every layer's feature maps for one digit",
+                             description="Prepare the image MNIST-style, run it through the model and draw the "
+                                         "input, every layer's activation maps and the class probabilities.")
+    ex.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    ex.add_argument("image", type=Path, nargs="?", help="an image file (or use --test-index)")
+    ex.add_argument("--test-index", type=int, help="explain MNIST test digit N instead of an image")
+    ex.add_argument("--out", type=Path, help="PNG to write (default: IMAGE-NAME.maps.png here)")
+    ex.add_argument("--max-maps", type=int, default=16, help="maps shown per layer (default: 16)")
+    ex.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_data_options(ex)
+    ex.set_defaults(handler=cmd_explain)
 
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")

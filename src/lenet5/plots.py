@@ -85,3 +85,76 @@ def plot_digit_gallery(images: Sequence, captions: Sequence[str], columns: int =
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], title: str = "") -> bytes:
+    """Counts of (true, predicted) pairs, log-coloured so that single errors show."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    counts = np.asarray(matrix)
+    fig = _figure(6, 5.2)
+    ax = fig.subplots()
+    image = ax.imshow(counts + 0.5, cmap="Blues", norm=LogNorm(vmin=0.5, vmax=counts.max() + 0.5))
+    for (i, j), value in np.ndenumerate(counts):
+        if value:
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > counts.max() / 8 else "black")
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "Confusion matrix (test set)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _png(fig)
+
+
+def plot_rejection(rejected: Sequence[float], error: Sequence[float], target: float | None = None,
+                   title: str = "") -> bytes:
+    """Test error against the fraction of least-confident digits rejected."""
+    fig = _figure(6, 4.2)
+    ax = fig.subplots()
+    ax.plot([100 * r for r in rejected], [100 * e for e in error], "-")
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", label=f"{100 * target:.1f}% error")
+        ax.legend()
+    ax.set_xlim(0, 10)  # the interesting part: the error is usually gone well before 10%
+    ax.set_xlabel("rejected (%), least confident first")
+    ax.set_ylabel("error on the accepted digits (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "Rejection curve")
+    return _png(fig)
+
+
+def plot_calibration(confidence: Sequence[float], accuracy: Sequence[float], counts: Sequence[int],
+                     title: str = "") -> bytes:
+    """Reliability diagram: accuracy against confidence, per confidence bin."""
+    fig = _figure(5, 4.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    shown = [(c, a) for c, a, n in zip(confidence, accuracy, counts) if n]
+    ax.plot([c for c, _ in shown], [a for _, a in shown], "o-", label="model")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Calibration")
+    return _png(fig)

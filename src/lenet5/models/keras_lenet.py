@@ -40,5 +40,10 @@ class KerasLeNet(DigitClassifier):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        f, c = self.features, self.classifier
+        return [("conv1", f[0:2]), ("pool1", f[2:3]), ("conv2", f[3:5]), ("pool2", f[5:6]),
+                ("dense", c[0:3]), ("output", c[3:])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

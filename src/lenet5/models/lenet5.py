@@ -36,5 +36,10 @@ class LeNet5(DigitClassifier):
             nn.Linear(84, num_classes),  # output logits
         )
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        f, c = self.features, self.classifier
+        return [("C1", f[0:2]), ("S2", f[2:3]), ("C3", f[3:5]), ("S4", f[5:6]),
+                ("C5", c[0:3]), ("F6", c[3:5]), ("output", c[5:])]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -34,6 +34,18 @@ class DigitClassifier(nn.Module):
         """Scores whose argmax is the prediction and whose softmax is the class probabilities."""
         return outputs
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The network as named stages run in order (a model may override `activations` instead)."""
+        raise NotImplementedError(f"{type(self).__name__} names no stages")
+
+    def activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every stage's output by name, from `input` to `output`: the feature maps."""
+        maps = {"input": x}
+        for name, stage in self.stages():
+            x = stage(x)
+            maps[name] = x
+        return maps
+
 
 M = TypeVar("M", bound=type[DigitClassifier])
 _REGISTRY: dict[str, type[DigitClassifier]] = {}
