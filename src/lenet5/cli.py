@@ -260,6 +260,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lenet5.checkpoint import load_checkpoint
+    from lenet5.export import export_checkpoint
+
+    if args.check_images <= 0:
+        raise ConfigError("--check-images must be positive")
+    checkpoint = load_checkpoint(args.checkpoint)
+    suffix = ".onnx" if args.format == "onnx" else ".pt"
+    out = args.out or Path(f"{checkpoint.meta['model']}{suffix}")
+    mnist = None if args.no_check else load_data(args)
+    result = export_checkpoint(checkpoint, out, args.format, mnist, args.check_images)
+    print(f"wrote {result['path']} ({args.format}, {result['bytes']:,} bytes) and {result['model_card']}")
+    if "check" in result:
+        c = result["check"]
+        print(f"check on {c['images']:,} test digits: max |difference| {c['max_abs_difference']:.2e}, "
+              f"same class on {c['same_class']:,}; test accuracy {result['test_accuracy']:.2%}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = [{"name": n, "parameters": count_parameters(create_model(n)), "description": describe(n)}
             for n in list_models()]
@@ -365,6 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     add_data_options(ex)
     ex.set_defaults(handler=cmd_explain)
+
+    xp = commands.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch",
+                             description="Export a checkpoint (input: float images N x 1 x 28 x 28, MNIST-style, "
+                                         "any N; output: scores N x 10), check the export against PyTorch on test "
+                                         "digits, and write a model card beside it.")
+    xp.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    xp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
+    xp.add_argument("--out", type=Path, help="output file (default: MODEL.onnx or MODEL.pt here)")
+    xp.add_argument("--check-images", type=int, default=1000, help="test digits for the check (default: 1000)")
+    xp.add_argument("--no-check", action="store_true", help="skip the check and the test accuracy (no data needed)")
+    add_data_options(xp)
+    xp.set_defaults(handler=cmd_export)
 
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")
