@@ -73,8 +73,8 @@ def export(checkpoint: Checkpoint, path: str | Path, fmt: str) -> Path:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(module, example)
-            buffer = io.BytesIO()
-            torch.jit.save(traced, buffer)
+                buffer = io.BytesIO()
+                torch.jit.save(traced, buffer)  # TorchScript is deprecated in recent torch; still asked for
             data = buffer.getvalue()
     except ImportError as e:
         raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({e.name} is missing): "
@@ -96,7 +96,9 @@ def check_export(checkpoint: Checkpoint, path: str | Path, fmt: str, images: tor
         exported = np.concatenate([session.run(None, {"images": x[i:i + 500].numpy()})[0]
                                    for i in range(0, len(x), 500)])  # two batch sizes: dynamic batch
     else:
-        loaded = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            loaded = torch.jit.load(str(path), map_location="cpu")
         exported = torch.cat([loaded(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
     agree = int((exported.argmax(1) == reference.argmax(1)).sum())
     result = {"images": len(x), "max_abs_difference": float(np.abs(exported - reference).max()),
