@@ -279,6 +279,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from lenet5.serve import create_app
+    except ImportError as e:
+        raise ConfigError(f"lenet5 serve needs {e.name}: pip install 'lenet5[serve]'") from None
+    import torch
+
+    if not 0 < args.port < 65536 or args.max_body_mb <= 0 or args.threads < 0:
+        raise ConfigError("--port must be 1-65535, --max-body-mb positive and --threads not negative")
+    # One thread per request: a single digit is too small to split, and requests run in parallel.
+    torch.set_num_threads(args.threads or 1)
+    app = create_app(args.checkpoint, max_body=int(args.max_body_mb * 1024 * 1024))
+    info = app.state.predictor.info()
+    print(f"serving {info['name']} ({info['parameters']:,} parameters) on http://{args.host}:{args.port}/ "
+          f"(API docs: /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     rows = [{"name": n, "parameters": count_parameters(create_model(n)), "description": describe(n)}
             for n in list_models()]
@@ -396,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--no-check", action="store_true", help="skip the check and the test accuracy (no data needed)")
     add_data_options(xp)
     xp.set_defaults(handler=cmd_export)
+
+    sv = commands.add_parser("serve", help="HTTP prediction service and the draw-a-digit page",
+                             description="Serve POST /v1/predict, GET /v1/model, GET /healthz, OpenAPI docs at "
+                                         "/docs and a page to draw a digit on at /.")
+    sv.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default: 4)")
+    sv.add_argument("--threads", type=int, default=1, help="torch threads per request (default: 1)")
+    sv.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")
