@@ -288,15 +288,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"lenet5 serve needs {e.name}: pip install 'lenet5[serve]'") from None
     import torch
 
-    if not 0 < args.port < 65536 or args.max_body_mb <= 0 or args.threads < 0:
-        raise ConfigError("--port must be 1-65535, --max-body-mb positive and --threads not negative")
+    if not 0 < args.port < 65536 or args.max_body_mb <= 0 or args.threads < 0 or args.workers < 1:
+        raise ConfigError("--port must be 1-65535, --max-body-mb positive, --threads not negative, --workers >= 1")
     # One thread per request: a single digit is too small to split, and requests run in parallel.
     torch.set_num_threads(args.threads or 1)
-    app = create_app(args.checkpoint, max_body=int(args.max_body_mb * 1024 * 1024))
+    max_body = int(args.max_body_mb * 1024 * 1024)
+    app = create_app(args.checkpoint, max_body=max_body)  # loads the checkpoint: errors show here, once
     info = app.state.predictor.info()
     print(f"serving {info['name']} ({info['parameters']:,} parameters) on http://{args.host}:{args.port}/ "
-          f"(API docs: /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+          f"with {args.workers} worker process(es) (API docs: /docs)", flush=True)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    else:
+        from lenet5.serve.app import SETTINGS_ENV
+
+        os.environ[SETTINGS_ENV] = json.dumps({"checkpoint": str(args.checkpoint), "max_body": max_body,
+                                               "threads": args.threads or 1})
+        uvicorn.run("lenet5.serve.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                    port=args.port, log_level="warning", access_log=False)
     return 0
 
 
@@ -426,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default: 4)")
     sv.add_argument("--threads", type=int, default=1, help="torch threads per request (default: 1)")
+    sv.add_argument("--workers", type=int, default=1, help="server processes, e.g. one per core (default: 1)")
     sv.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list the registered models with their parameter counts")

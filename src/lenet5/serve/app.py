@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -30,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lenet5.checkpoint import load_checkpoint
+from lenet5.data.transforms import to_model_input
 from lenet5.explain import explain_digit
 from lenet5.models import count_parameters, describe
 from lenet5.preprocess import ImageError, load_grey, prepare_digit
@@ -160,9 +162,15 @@ class Predictor:
 
     def answer(self, digit: np.ndarray, maps: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        explanation = explain_digit(self.model, digit)
-        probabilities = [round(float(p), 6) for p in explanation.probabilities]
-        result = {"digit": explanation.digit, "confidence": max(probabilities), "probabilities": probabilities,
+        if maps:
+            explanation = explain_digit(self.model, digit)
+            probabilities = explanation.probabilities
+        else:  # the fast path: no activations kept
+            with torch.no_grad():
+                x = to_model_input(torch.from_numpy(digit)[None])
+                probabilities = torch.softmax(self.model.logits(self.model(x)), 1)[0].numpy()
+        rounded = [round(float(p), 6) for p in probabilities]
+        result = {"digit": int(np.argmax(probabilities)), "confidence": max(rounded), "probabilities": rounded,
                   "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
             result["maps"] = layer_images(explanation.maps)
@@ -170,9 +178,23 @@ class Predictor:
         return result
 
 
+SETTINGS_ENV = "LENET5_SERVE_SETTINGS"  # how `lenet5 serve --workers N` hands settings to each worker
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for uvicorn's worker processes: the settings come from $LENET5_SERVE_SETTINGS."""
+    import json
+    import os
+
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    torch.set_num_threads(settings.pop("threads", 1))
+    return create_app(**settings)
+
+
 def create_app(checkpoint: str | Path, *, max_body: int = DEFAULT_MAX_BODY,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
     predictor = Predictor(checkpoint, max_pixels)
+    predictor.model.to(memory_format=torch.channels_last)
     app = FastAPI(title="lenet5", summary="Handwritten-digit recognition with LeNet-5",
                   description=__doc__, version=__import__("lenet5").__version__)
 
