@@ -48,6 +48,15 @@ def test_train_evaluate_resume_end_to_end(data_env, tmp_path, capsys):
     assert code == 2 and "already holds a run; continue it with --resume" in err
 
 
+def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--recipe", "fast", "--batch-size", "100", "--train-samples", "1000",
+                         "--test-samples", "200", "--epochs", "1", "--out-dir", str(tmp_path), "--name", "f")
+    assert code == 0, err
+    assert "model keras-lenet (1,256,080 parameters) | adam lr 0.006 | onecycle schedule | batch 100" in out
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["epochs"] == 1 and config["batch_size"] == 100
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["train", "--epochs", "-1"], 2, "--epochs must be positive, got -1"),
     (["train", "--model", "lenet7"], 2, "unknown model 'lenet7'"),
@@ -55,6 +64,8 @@ def test_train_evaluate_resume_end_to_end(data_env, tmp_path, capsys):
     (["train", "--train-samples", "10", "--batch-size", "32"], 2, "larger than the 10 training images"),
     (["train", "--resume", "nowhere", "--lr", "0.1"], 2, "only --epochs may be given"),
     (["train", "--resume", "nowhere"], 1, "not a run folder"),
+    (["train", "--resume", "nowhere", "--recipe", "fast"], 2, "only --epochs may be given"),
+    (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is a test accuracy between 0 and 1"),
     (["evaluate", "missing.safetensors"], 1, "checkpoint not found"),
     (["evaluate", "x.safetensors", "--batch-size", "0"], 2, "--batch-size must be positive"),
     (["data", "--timeout", "0"], 2, "--timeout must be positive"),

@@ -36,6 +36,8 @@ def test_round_trips_through_json(tmp_path):
     ({"rho": 1.0}, "--rho must be in"),
     ({"nesterov": True, "optimizer": "adam"}, "--nesterov needs --optimizer sgd"),
     ({"device": "tpu"}, "--device must be"),
+    ({"precision": "fp8"}, "unknown precision 'fp8'"),
+    ({"stop_at": 99.0}, "--stop-at is a test accuracy between 0 and 1"),
 ])
 def test_impossible_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -63,3 +65,12 @@ def test_schedule_shapes():
     assert [step(s) for s in (0, 199, 200, 399)] == [1.0, 1.0, 0.5, 0.5]
     cosine = lr_multiplier(TrainConfig(schedule="cosine", epochs=2), steps)
     assert cosine(0) == 1.0 and cosine(100) == pytest.approx(0.5) and cosine(200) == pytest.approx(0.0)
+
+
+def test_every_recipe_is_a_valid_config():
+    from lenet5.train.config import RECIPES
+
+    assert RECIPES["keras"].options == {}  # the blog post's run is the defaults
+    for name, recipe in RECIPES.items():
+        config = TrainConfig(**recipe.options)
+        assert all(getattr(config, k) == v for k, v in recipe.options.items()), name

@@ -41,6 +41,17 @@ def test_the_blog_recipe_learns_from_10000_images(mnist, tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
+def test_bf16_autocast_learns_and_keeps_fp32_weights_and_stop_at_ends_early(mnist, tmp_path):
+    """The fast recipe's settings on a slice: bf16 arithmetic, fp32 weights, stop at a target."""
+    config = TrainConfig(model="keras-lenet", optimizer="adam", lr=3e-3, schedule="onecycle", batch_size=128,
+                         epochs=4, precision="bf16", stop_at=0.85, train_samples=6_000, test_samples=1_000)
+    result = fit(config, mnist, tmp_path / "run")
+    assert len(result.history) < 4, "the target is reached in the first epochs, which ends the run"
+    assert result.history[-1]["test_acc"] >= 0.85 > max([0.0] + [r["test_acc"] for r in result.history[:-1]])
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert load_checkpoint(tmp_path / "run").meta["epoch"] == len(result.history)
+
+
 class StopAfter(Callback):
     """Simulates Ctrl-C at the end of an epoch."""
 

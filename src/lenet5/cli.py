@@ -18,13 +18,15 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 import lenet5
+from lenet5 import distributed
 from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
-from lenet5.errors import ConfigError, Lenet5Error
+from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.train import Callback, TrainConfig, fit, resume
+from lenet5.train.config import RECIPES
 
 OFFLINE_ENV = "LENET5_OFFLINE"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -130,23 +132,47 @@ def load_data(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------- commands
+def _load_data_ranked(args: argparse.Namespace, world: distributed.World):
+    """Under torchrun, the first process of each machine downloads and decodes; the rest then read."""
+    if not world.distributed:
+        return load_data(args)
+    data = load_data(args) if world.local_rank == 0 else None
+    distributed.barrier()
+    return data if data is not None else load_data(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    progress = [] if args.quiet else [ConsoleProgress()]
     if args.resume:
-        if args.config or set(given) - {"epochs"}:
+        if args.config or args.recipe or set(given) - {"epochs"}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs may be given with it")
-        result = resume(args.resume, load_data(args), epochs=given.get("epochs"), callbacks=progress)
+        if not (args.resume / "config.json").is_file():
+            raise CheckpointError(f"{args.resume}: not a run folder (no config.json)")
+        device = TrainConfig.from_json(args.resume / "config.json").device
     else:
-        base = TrainConfig.from_json(args.config).to_dict() if args.config else {}
+        base = dict(RECIPES[args.recipe].options) if args.recipe else {}
+        if args.config:
+            base.update(TrainConfig.from_json(args.config).to_dict())
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
-        name = args.name or f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}"
-        run_dir = args.out_dir / name
-        if (run_dir / "config.json").exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
-        result = fit(config, load_data(args), run_dir, callbacks=progress)
+        device = config.device
+    world = distributed.init(device)  # a no-op unless torchrun started this process
+    progress = [] if args.quiet or not world.is_main else [ConsoleProgress()]
+    try:
+        if args.resume:
+            result = resume(args.resume, _load_data_ranked(args, world), epochs=given.get("epochs"),
+                            callbacks=progress)
+        else:
+            name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
+            run_dir = args.out_dir / name
+            if (run_dir / "config.json").exists():
+                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+            result = fit(config, _load_data_ranked(args, world), run_dir, callbacks=progress)
+    finally:
+        distributed.shutdown()
+    if not world.is_main:
+        return 0
     m = result.metrics
     print(f"test accuracy {m['test_acc']:.2%} (error {m['test_error']:.2%}) after {m['epochs']} epochs; "
           f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']}; {m['seconds']:.1f} s")
@@ -354,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = train.add_argument_group("run folder")
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent of run folders (default: runs)")
     run.add_argument("--name", help="run folder name (default: DATE-TIME-MODEL)")
-    run.add_argument("--config", type=Path, help="start from this config.json (options typed here override it)")
+    run.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (options typed here "
+                     "override it): " + "; ".join(f"{k}: {v.summary}" for k, v in RECIPES.items()))
+    run.add_argument("--config", type=Path, help="start from this config.json (over --recipe; options typed here "
+                     "override it)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="print only the final summary")
     add_data_options(train)

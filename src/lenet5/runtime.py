@@ -60,6 +60,17 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats (below 1.2e-38) as zero in CPU arithmetic, as TensorFlow does by default.
+
+    Speed trick: RMSprop's running average of squared gradients decays into the denormal range
+    for weights that rarely get a gradient, and the CPU computes on denormals through a slow
+    microcode path: with it on, the Keras recipe's `sqrt` in the optimizer step takes half the
+    time (measured, torch profiler). No result of these networks depends on numbers that small.
+    """
+    return torch.set_flush_denormal(True)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -6,11 +6,18 @@ Speed choices, named where they matter:
 - loss and accuracy are summed on the device and read back only every `log_every` steps and
   at the end of the epoch (a `.item()` per step would sync a GPU every step);
 - the epoch's shuffle comes from its own seeded generator, so epoch e sees the same order
-  whether or not the run was interrupted before it.
+  whether or not the run was interrupted before it;
+- `--precision bf16` runs the forward and backward passes under bf16 autocast (the weights,
+  the optimizer and the evaluation stay fp32); `--compile` hands the model to torch.compile.
+
+Under torchrun the same loop runs data-parallel (see lenet5.distributed): each rank computes
+its share of every global batch, DDP averages the gradients, metric sums are all-reduced and
+only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -21,16 +28,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lenet5 import distributed
 from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.data import MNIST, Split
 from lenet5.data.distort import random_affine
 from lenet5.data.transforms import to_model_input
+from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate
 from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.models import DigitClassifier, count_parameters, create_model
 from lenet5.plots import plot_curves
-from lenet5.runtime import environment, resolve_device, tune_allocator
+from lenet5.runtime import environment, flush_denormals, resolve_device, tune_allocator
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
@@ -72,34 +81,61 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, train: Split, batch_size: int,
                 order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50,
-                augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                forward: Callable[[torch.Tensor], torch.Tensor] | None = None, world: World = World(),
+                precision: str = "fp32") -> tuple[float, float]:
     """One pass over `train` in the given order; returns the running mean loss and accuracy
     (as Keras reports them: averaged over the epoch's batches while the weights change).
-    `augment`, if given, transforms each (B, 1, 28, 28) float batch on its device."""
+
+    `augment`, if given, transforms each (B, 1, 28, 28) float batch on its device. `forward` is
+    what computes the outputs (the model itself, or its DDP or compiled wrapper). With a `world`
+    of several ranks, each step's `batch_size` images are the global batch and this rank takes
+    every `world.size`-th of them; the returned figures are over all ranks."""
     model.train()
+    forward = model if forward is None else forward
     device = train.images.device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for step, start in enumerate(range(0, len(order), batch_size), 1):
-        idx = order[start:start + batch_size]
+        batch = order[start:start + batch_size]
+        idx = batch[world.rank::world.size] if world.distributed else batch
         x, y = to_model_input(train.images[idx]), train.labels[idx]  # (B, 1, 28, 28), (B,)
         if augment is not None:
             x = augment(x)
-        outputs = model(x)
-        loss = model.loss(outputs, y)
+        with autocast:
+            outputs = forward(x)
+        loss = model.loss(outputs.float(), y)
+        # DDP averages gradients over ranks; weighting each rank's mean by its share of the batch
+        # makes that average the gradient of the whole batch's mean loss, even for uneven shares.
+        scaled = loss * (len(idx) * world.size / len(batch)) if world.distributed else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * len(idx)
         correct += (model.logits(outputs.detach()).argmax(1) == y).sum()
         seen += len(idx)
         if callbacks and step % log_every == 0:
-            loss_now, acc_now = loss_sum.item() / seen, correct.item() / seen
+            loss_now, acc_now = loss_sum.item() / seen, correct.item() / seen  # this rank's share
             for cb in callbacks:
                 cb.on_batch_end(step, loss_now, acc_now)
-    return loss_sum.item() / seen, correct.item() / seen
+    loss_sum, correct_sum, seen_sum = distributed.all_reduce_sum(
+        loss_sum, correct.double(), torch.tensor(float(seen), device=device))
+    return loss_sum.item() / seen_sum.item(), correct_sum.item() / seen_sum.item()
+
+
+def evaluate_split(model: DigitClassifier, split: Split, batch_size: int, world: World = World()) -> tuple[float, float]:
+    """Mean loss and accuracy over `split`; with several ranks each evaluates its share."""
+    if not world.distributed:
+        return evaluate(model, split.images, split.labels, batch_size)
+    images, labels = split.images[world.rank::world.size], split.labels[world.rank::world.size]
+    loss, accuracy = evaluate(model, images, labels, batch_size)
+    n = torch.tensor(float(len(labels)), dtype=torch.float64, device=labels.device)
+    loss_sum, correct, total = distributed.all_reduce_sum(n * loss, n * accuracy, n)
+    return loss_sum.item() / total.item(), round(correct.item()) / total.item()
 
 
 def _write_history(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
@@ -137,22 +173,35 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
 
     With ``resume=True`` the run continues from ``run_dir``'s last checkpoint (weights,
     optimizer, schedule, RNG and history) and ends as an uninterrupted run would.
+    Under torchrun every rank calls this with the same arguments; rank 0 alone writes and
+    calls `callbacks`, and every rank returns the same result.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    device = resolve_device(config.device)
+    world = distributed.init(config.device)
+    device = distributed.device_for(world, resolve_device(config.device))
+    if not world.is_main:
+        callbacks = ()
     tune_allocator()
+    flush_denormals()
     if config.threads:
         torch.set_num_threads(config.threads)
     train = mnist.train.head(config.train_samples).to(device)
     test = mnist.test.head(config.test_samples).to(device)
     if config.batch_size > len(train):
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
+    if world.distributed and (config.batch_size < world.size or 0 < len(train) % config.batch_size < world.size):
+        raise ConfigError(f"--batch-size {config.batch_size} is the global batch: every one of the {world.size} "
+                          f"processes needs at least one image of every batch, including the last "
+                          f"({len(train) % config.batch_size or config.batch_size} images)")
 
     torch.manual_seed(config.seed)
     # channels_last: oneDNN's convolutions run 1.3-1.7x faster on this layout on CPU (measured
     # for both models at batch 32-128); a 1-channel input is already in it, so no copy is made.
     model = create_model(config.model).to(device, memory_format=torch.channels_last)
+    if world.distributed:
+        # Distortions draw from the global generator: a different stream per rank.
+        torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     optimizer = build_optimizer(model.parameters(), config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     scheduler = build_schedule(optimizer, config, steps_per_epoch)
@@ -166,58 +215,78 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         model.load_state_dict(last.model.state_dict())  # copies into the channels_last weights
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state)
+        restore_rng(state, world.rank)
         history = list(state["history"])
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
+        # Every rank has checked that the folder is free before rank 0 starts writing into it.
+        distributed.barrier()
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", config.to_dict())
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        forward = torch.compile(forward)
     env = environment(device)
-    atomic_write_json(run_dir / ("run.json" if not resume else f"run-resumed-{len(history)}.json"), env)
+    if world.distributed:
+        env.update(world_size=world.size, backend=distributed.backend())
+    if world.is_main:
+        atomic_write_json(run_dir / ("run.json" if not resume else f"run-resumed-{len(history)}.json"), env)
     for cb in callbacks:
         cb.on_train_begin(run_dir, config, env, len(history))
 
     best_acc = max((r["test_acc"] for r in history), default=-1.0)
     title = f"{config.model}, {config.optimizer}, batch {config.batch_size}"
+    augment = random_affine if config.distort else None
     for epoch in range(len(history), config.epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(optimizer, SDLM):
-            # Appendix C: re-estimate the Hessian's diagonal on a few hundred samples before each pass.
+            # Appendix C: re-estimate the Hessian's diagonal on a few hundred samples before each pass
+            # (the same samples on every rank, so every rank gets the same estimate).
             sample = epoch_permutation(config.seed + 1, epoch, len(train))[: config.hessian_samples].to(device)
             optimizer.set_hessian(diagonal_hessian(model, train.images[sample]))
-        train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size,
-                                            epoch_permutation(config.seed, epoch, len(train)).to(device),
-                                            callbacks, augment=random_affine if config.distort else None)
+        order = epoch_permutation(config.seed, epoch, len(train)).to(device)
+        train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size, order, callbacks,
+                                            augment=augment, forward=forward, world=world,
+                                            precision=config.precision)
         train_seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
                                 f"try a smaller --lr (now {config.lr:g})")
-        test_loss, test_acc = evaluate(model, test.images, test.labels, config.eval_batch_size)
+        test_loss, test_acc = evaluate_split(model, test, config.eval_batch_size, world)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                   "test_acc": test_acc, "lr": lr, "train_seconds": train_seconds,
                   "seconds": time.perf_counter() - started}
         if config.eval_train:
-            record["train_eval_loss"], record["train_eval_acc"] = evaluate(model, train.images, train.labels,
-                                                                           config.eval_batch_size)
+            record["train_eval_loss"], record["train_eval_acc"] = evaluate_split(model, train, config.eval_batch_size,
+                                                                                 world)
         history.append(record)
-
-        metrics = {k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-        # Weights first, state second: resume checks both carry the same epoch.
-        save_checkpoint(ckpt_dir / "last", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
-        save_train_state(ckpt_dir / "last.state.pt", epoch=epoch + 1, optimizer=optimizer,
-                         scheduler=scheduler, history=history)
-        if test_acc > best_acc:
-            best_acc = test_acc
-            save_checkpoint(ckpt_dir / "best", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
-        _write_history(run_dir, history, title)
-        atomic_write_json(run_dir / "metrics.json", _summary(config, model, history))
+        rng = distributed.all_gather(torch.get_rng_state()) if world.distributed else None
+        if world.is_main:
+            metrics = {k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+            # Weights first, state second: resume checks both carry the same epoch.
+            save_checkpoint(ckpt_dir / "last", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
+            save_train_state(ckpt_dir / "last.state.pt", epoch=epoch + 1, optimizer=optimizer,
+                             scheduler=scheduler, history=history, rank_rng=rng)
+            if test_acc > best_acc:
+                save_checkpoint(ckpt_dir / "best", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
+            _write_history(run_dir, history, title)
+            atomic_write_json(run_dir / "metrics.json", _summary(config, model, history))
+        best_acc = max(best_acc, test_acc)
         for cb in callbacks:
             cb.on_epoch_end(record)
+        if config.stop_at and test_acc >= config.stop_at:
+            break
 
     if not history:
         raise ConfigError(f"{run_dir}: nothing to do, the run already has {config.epochs} epochs")
+    distributed.barrier()  # the other ranks return once rank 0's files are complete
     return FitResult(model=model, history=history, metrics=_summary(config, model, history), run_dir=run_dir)
 
 

@@ -21,20 +21,29 @@ LECUN1998_RATES = ((2, 5e-4), (5, 2e-4), (8, 1e-4), (12, 5e-5), (None, 1e-5))
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     lr, wd = config.lr, config.weight_decay
-    # foreach: one fused kernel launch per parameter group instead of one per tensor.
+    params = list(params)
+    # Speed: Adam, AdamW and SGD take the fused kernels (one pass over each tensor per step, on CPU
+    # and GPU); RMSprop has none in PyTorch and takes foreach (one launch per op for all tensors).
     if config.optimizer == "rmsprop":
         # Keras' RMSprop: rho=0.9, eps=1e-7 added outside the square root, as in PyTorch.
         return torch.optim.RMSprop(params, lr=lr, alpha=config.rho, eps=config.eps, weight_decay=wd, foreach=True)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
-                               weight_decay=wd, foreach=True)
+        return _fused(torch.optim.SGD, params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+                      weight_decay=wd)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
+        return _fused(torch.optim.Adam, params, lr=lr, eps=config.eps, weight_decay=wd)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=config.eps, weight_decay=wd, foreach=True)
+        return _fused(torch.optim.AdamW, params, lr=lr, eps=config.eps, weight_decay=wd)
     if config.optimizer == "sdlm":
         return SDLM(params, lr=lr, mu=config.mu)
     raise AssertionError(config.optimizer)  # TrainConfig.validate() rejects anything else
+
+
+def _fused(kind: type[torch.optim.Optimizer], params: list[torch.nn.Parameter], **options) -> torch.optim.Optimizer:
+    try:
+        return kind(params, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):  # a device or PyTorch version without the fused kernel
+        return kind(params, foreach=True, **options)
 
 
 def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:

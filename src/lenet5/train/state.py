@@ -17,7 +17,9 @@ from lenet5.fileio import atomic_write_bytes
 
 
 def save_train_state(path: Path, *, epoch: int, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, history: list[dict]) -> None:
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, history: list[dict],
+                     rank_rng: list[torch.Tensor] | None = None) -> None:
+    """`rank_rng`: under torchrun, every rank's CPU generator state, in rank order."""
     state: dict[str, Any] = {
         "epoch": epoch,
         "optimizer": optimizer.state_dict(),
@@ -25,6 +27,8 @@ def save_train_state(path: Path, *, epoch: int, optimizer: torch.optim.Optimizer
         "history": history,
         "rng_cpu": torch.get_rng_state(),
     }
+    if rank_rng is not None:
+        state["rng_cpu_ranks"] = rank_rng
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     buffer = io.BytesIO()
@@ -41,7 +45,9 @@ def load_train_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable training state ({e})") from None
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["rng_cpu"])
+def restore_rng(state: dict[str, Any], rank: int = 0) -> None:
+    ranks = state.get("rng_cpu_ranks")
+    # A run resumed with as many processes as it had gets each rank's own stream back.
+    torch.set_rng_state(ranks[rank] if ranks and rank < len(ranks) else state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
