@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lenet5.data import Split, load_mnist
@@ -53,24 +52,28 @@ class ExampleStyleMNIST(Dataset):
         return (x - 0.1307) / 0.3081, int(self.labels[i])  # Normalize
 
 
-def time_lenet5(name: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    from lenet5.runtime import tune_allocator
+def time_lenet5(name: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                device: str = "cpu", precision: str = "fp32") -> float:
+    from lenet5.runtime import flush_denormals, tune_allocator
 
     tune_allocator()  # as fit() does
+    flush_denormals()
     config = TrainConfig(model=name, optimizer="adam", batch_size=batch_size)
-    model = create_model(name).to(memory_format=torch.channels_last)  # as fit() does
+    model = create_model(name).to(device, memory_format=torch.channels_last)  # as fit() does
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_schedule(optimizer, config, 1)
-    data = Split(images, labels)
-    train_epoch(model, optimizer, scheduler, data, batch_size, torch.arange(batch_size * 5))
+    data = Split(images, labels).to(device)
+    train_epoch(model, optimizer, scheduler, data, batch_size, torch.arange(batch_size * 5, device=device),
+                precision=precision)
     started = time.perf_counter()
-    train_epoch(model, optimizer, scheduler, data, batch_size, torch.randperm(len(labels)))
+    train_epoch(model, optimizer, scheduler, data, batch_size, torch.randperm(len(labels), device=device),
+                precision=precision)  # ends with a .item(): the GPU has finished
     return len(labels) / (time.perf_counter() - started)
 
 
-def time_dataloader(name: str, dataset: Dataset, batch_size: int) -> float:
+def time_dataloader(name: str, dataset: Dataset, batch_size: int, device: str = "cpu") -> float:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
-    model = create_model(name)
+    model = create_model(name).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def one_pass(limit: int | None = None) -> None:
@@ -78,10 +81,12 @@ def time_dataloader(name: str, dataset: Dataset, batch_size: int) -> float:
         for i, (x, y) in enumerate(loader):
             if i == limit:
                 break
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            loss = model.loss(model(x), y)  # cross-entropy, or the 1998 network's own criterion
             loss.backward()
             optimizer.step()
+        loss.item()
 
     one_pass(limit=5)
     started = time.perf_counter()
@@ -89,19 +94,22 @@ def time_dataloader(name: str, dataset: Dataset, batch_size: int) -> float:
     return len(dataset) / (time.perf_counter() - started)
 
 
-def worker(loop: str, name: str, batch_size: int, data_dir: str | None, n: int) -> float:
+def worker(loop: str, name: str, batch_size: int, data_dir: str | None, n: int, device: str = "cpu",
+           precision: str = "fp32") -> float:
     torch.manual_seed(0)
     mnist = load_mnist(data_dir, download=False)
     images, labels = mnist.train.images[:n], mnist.train.labels[:n]
     if loop == "lenet5":
-        return time_lenet5(name, images, labels, batch_size)
+        return time_lenet5(name, images, labels, batch_size, device, precision)
     if loop == "tensors":
-        return time_dataloader(name, TensorDataset(images.unsqueeze(1).float() / 255, labels), batch_size)
-    return time_dataloader(name, ExampleStyleMNIST(images, labels), batch_size)
+        return time_dataloader(name, TensorDataset(images.unsqueeze(1).float() / 255, labels), batch_size, device)
+    return time_dataloader(name, ExampleStyleMNIST(images, labels), batch_size, device)
 
 
-def measure(loop: str, name: str, batch_size: int, args: argparse.Namespace) -> float:
-    command = [sys.executable, __file__, "--worker", loop, name, str(batch_size), "--images", str(args.images)]
+def measure(loop: str, name: str, batch_size: int, args: argparse.Namespace, precision: str = "fp32") -> float:
+    """Images/s of one timed pass, in a fresh process."""
+    command = [sys.executable, __file__, "--worker", loop, name, str(batch_size), "--images", str(args.images),
+               "--device", args.device, "--precision", precision]
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -114,11 +122,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12_800, help="training images per timed pass")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per setting (median)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("LOOP", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         loop, name, batch_size = args.worker
-        print(worker(loop, name, int(batch_size), args.data_dir, args.images))
+        print(worker(loop, name, int(batch_size), args.data_dir, args.images, args.device, args.precision))
         return
 
     rows = []

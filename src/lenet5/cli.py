@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("evaluate", help="test loss and accuracy of a checkpoint")
     ev.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    ev.add_argument("--batch-size", type=int, default=2000, help="images per evaluation step (default: 2000)")
+    ev.add_argument("--batch-size", type=int, default=512, help="images per evaluation step (default: 512)")
     ev.add_argument("--test-samples", type=int, default=0, help="first N test images only (default: all)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--report", type=Path, metavar="DIR",

@@ -45,7 +45,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, 28, 28) uint8 MNIST-style digits -> (N, 10) probabilities."""
     model.eval()
     device = next(model.parameters()).device

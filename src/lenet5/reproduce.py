@@ -35,8 +35,7 @@ def lecun1998_config(*, distortions: bool = False, batch_size: int = 16, epochs:
                      threads: int = 0, device: str = "auto") -> TrainConfig:
     return TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA_PER_SAMPLE * batch_size, mu=0.02,
                        hessian_samples=500, schedule="lecun1998", batch_size=batch_size, epochs=epochs,
-                       distort=distortions, eval_train=True, seed=seed, threads=threads, device=device,
-                       eval_batch_size=5000)
+                       distort=distortions, eval_train=True, seed=seed, threads=threads, device=device)
 
 
 @torch.no_grad()

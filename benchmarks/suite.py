@@ -1,0 +1,342 @@
+"""lenet5's benchmark suite: one command, one table, one JSON file.
+
+    python benchmarks/suite.py --data-dir ../shared/mnist --out docs/results/benchmarks-cpu.json \
+        [--tf-python /path/to/tf-venv/bin/python] [--device cuda] [--quick]
+
+What it measures, each part in fresh processes so no setting of one leaks into another, and
+every ratio against a baseline measured in the same run (these machines are noisy):
+
+1. machine: CPU, cores, torch, device, and the measured peak of a large matmul in fp32 and bf16;
+2. training images/s per model and batch size, lenet5's loop against a plain PyTorch
+   DataLoader loop (benchmarks/train_throughput.py), with the share of the matmul peak reached
+   (FLOPs per training image counted by torch.utils.flop_counter);
+3. time to 99.0% test accuracy: `lenet5 train --recipe fast --stop-at 0.99`, wall-clock from
+   process start (imports and data loading included) to the end of the epoch that reaches it,
+   median over seeds and the fraction of seeds that reach it;
+4. the reference notebook's recipe end to end (`lenet5 train`, fp32 and bf16) and, with
+   --tf-python, the same recipe in Keras (benchmarks/peers/keras_lenet.py) in the same run;
+5. inference: batch images/s and single-image latency, PyTorch eager (fp32, bf16), TorchScript
+   and ONNX Runtime when installed (random weights: speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import train_throughput  # noqa: E402  (this folder's script, reused for part 2)
+
+from lenet5.evaluate import EVAL_BATCH  # noqa: E402
+from lenet5.models import create_model  # noqa: E402
+from lenet5.runtime import cpu_model  # noqa: E402
+
+# (model, batch, precision): the batch sizes users use, and the settings the recipes use.
+TRAIN_SETTINGS = {
+    "cpu": [("lenet5", 64, "fp32"), ("lenet5", 256, "fp32"), ("lenet5", 256, "bf16"), ("keras-lenet", 32, "fp32"),
+            ("keras-lenet", 32, "bf16"), ("keras-lenet", 128, "bf16"), ("lenet5-1998", 16, "fp32")],
+    "cuda": [("lenet5", 256, "fp32"), ("lenet5", 1024, "bf16"), ("keras-lenet", 32, "fp32"),
+             ("keras-lenet", 128, "bf16"), ("keras-lenet", 512, "bf16"), ("lenet5-1998", 256, "fp32")],
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
+    """GFLOP/s of an n x n x n matrix product: the ceiling training is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    repeats = 10 if device == "cpu" else 50
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    n = 2048 if device == "cpu" else 8192
+    info["matmul_gflops"] = {name: round(matmul_peak(device, dtype, n)) for name, dtype in
+                             (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return info
+
+
+def training_flops_per_image(name: str) -> float:
+    """Forward + backward FLOPs of one image (convolutions and matrix products, as counted by PyTorch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(name)
+    x = torch.rand(8, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        model.loss(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    return counter.get_total_flops() / 8
+
+
+def part_training(args: argparse.Namespace, peak: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for name, batch, precision in TRAIN_SETTINGS[args.device]:
+        ours, plain = [], []
+        for _ in range(args.rounds):  # alternating, so machine noise hits both
+            ours.append(train_throughput.measure("lenet5", name, batch, args, precision))
+            plain.append(train_throughput.measure("tensors", name, batch, args))
+        flops = training_flops_per_image(name)
+        row = {"model": name, "batch_size": batch, "precision": precision,
+               "lenet5_images_per_s": statistics.median(ours), "plain_loop_images_per_s": statistics.median(plain),
+               "training_mflop_per_image": flops / 1e6}
+        row["ratio"] = row["lenet5_images_per_s"] / row["plain_loop_images_per_s"]
+        row["share_of_matmul_peak"] = row["lenet5_images_per_s"] * flops / 1e9 / peak[precision]
+        log(f"train {name:<12} batch {batch:>4} {precision}: {row['lenet5_images_per_s']:>9,.0f} img/s, plain loop "
+            f"{row['plain_loop_images_per_s']:>8,.0f} ({row['ratio']:.2f}x), {row['share_of_matmul_peak']:.0%} of peak")
+        rows.append(row)
+    return rows
+
+
+def lenet5_train(args: argparse.Namespace, out_dir: Path, name: str, *options: str) -> dict[str, Any]:
+    """`lenet5 train` in a fresh process: its wall-clock time from launch to exit, and its history."""
+    if args.quick:
+        options = (*options, "--train-samples", "2000", "--test-samples", "500")
+    command = [sys.executable, "-m", "lenet5", "train", *options, "--device", args.device, "--quiet",
+               "--offline", "--out-dir", str(out_dir), "--name", name]
+    if args.data_dir:
+        command += ["--data-dir", str(args.data_dir)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    history = json.loads((out_dir / name / "history.json").read_text())
+    return {"wall_seconds": wall, "history": history, "command": " ".join(["lenet5", "train", *options])}
+
+
+def part_time_to_99(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    runs = []
+    options = ["--recipe", "fast", "--stop-at", "0.99", *args.fast_options]
+    for seed in range(args.seeds):
+        run = lenet5_train(args, out_dir, f"fast-{seed}", *options, "--seed", str(seed))
+        hist = run["history"]
+        reached = next((r for r in hist if r["test_acc"] >= 0.99), None)
+        until = hist[: hist.index(reached) + 1] if reached else hist
+        runs.append({"seed": seed, "reached": reached is not None, "wall_seconds": run["wall_seconds"],
+                     "train_seconds": sum(r["train_seconds"] for r in until), "epochs": len(until),
+                     "test_acc": [r["test_acc"] for r in hist]})
+        log(f"time to 99%: seed {seed}: {'reached' if reached else 'NOT reached'} "
+            f"{max(r['test_acc'] for r in hist):.2%}, {run['wall_seconds']:.1f} s wall, "
+            f"{runs[-1]['train_seconds']:.2f} s training")
+    good = [r for r in runs if r["reached"]]
+    return {"command": " ".join(["lenet5", "train", *options, "--seed", "S"]), "runs": runs,
+            "fraction_reached": len(good) / len(runs),
+            "median_wall_seconds": statistics.median(r["wall_seconds"] for r in good) if good else None,
+            "median_train_seconds": statistics.median(r["train_seconds"] for r in good) if good else None}
+
+
+def part_keras_recipe(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for precision in ("fp32", "bf16"):
+        run = lenet5_train(args, out_dir, f"keras-{precision}", "--precision", precision)
+        rows.append({"who": f"lenet5 ({precision})", "command": run["command"], "wall_seconds": run["wall_seconds"],
+                     "train_seconds": sum(r["train_seconds"] for r in run["history"]),
+                     "test_acc": [r["test_acc"] for r in run["history"]]})
+        log(f"keras recipe, lenet5 {precision}: {run['wall_seconds']:.1f} s wall, test acc {rows[-1]['test_acc']}")
+    if args.tf_python:
+        command = [str(args.tf_python), str(HERE / "peers" / "keras_lenet.py"), "--data-dir", str(args.data_dir)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"the Keras peer failed:\n{done.stderr[-2000:]}")
+        peer = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"who": f"Keras (TensorFlow {peer['tensorflow']})", "command": "python benchmarks/peers/keras_lenet.py",
+                     "wall_seconds": wall, "train_seconds": peer["fit_seconds"], "test_acc": peer["val_accuracy"]})
+        log(f"keras recipe, Keras: {wall:.1f} s wall, test acc {peer['val_accuracy']}")
+    return rows
+
+
+def part_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs in a fresh process (see --inference-worker) so training's settings do not leak in."""
+    command = [sys.executable, __file__, "--inference-worker", "--device", args.device]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"inference benchmark failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def inference_worker(device: str) -> list[dict[str, Any]]:
+    from lenet5.runtime import tune_allocator
+
+    tune_allocator()
+    torch.manual_seed(0)
+    rows = []
+    batch = torch.rand(10_000, 1, 28, 28, device=device)
+    one = batch[:1].clone()
+    # Batch inference as `lenet5 evaluate` runs it: chunks that keep a CPU's caches warm.
+    chunk = EVAL_BATCH if device == "cpu" else len(batch)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, x, repeats) -> float:
+        def all_chunks():
+            for start in range(0, len(x), chunk):
+                fn(x[start:start + chunk])
+
+        all_chunks()
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            all_chunks()
+        sync()
+        return (time.perf_counter() - started) / repeats
+
+    def latency(fn, repeats=300) -> float:
+        fn(one)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn(one)
+            sync()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    for name in ("lenet5", "keras-lenet", "lenet5-1998"):
+        model = create_model(name).to(device, memory_format=torch.channels_last).eval()
+        runners = {}
+
+        def eager(x, model=model):
+            with torch.inference_mode():
+                return model.logits(model(x))
+
+        def eager_bf16(x, model=model):
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+                return model.logits(model(x))
+
+        runners["eager fp32"] = eager
+        runners["eager bf16"] = eager_bf16
+        from lenet5.export import Scores
+
+        with torch.no_grad():
+            traced = torch.jit.trace(Scores(model).eval(), batch[:8])
+            if device == "cpu":  # freezing folds the layers for oneDNN (it trips an assert on CUDA)
+                traced = torch.jit.freeze(traced)
+        runners["torchscript (traced" + (", frozen)" if device == "cpu" else ")")] = lambda x, t=traced: t(x)
+        if device == "cpu":
+            try:
+                import onnxruntime as ort
+
+                from lenet5.export import _onnx_bytes
+
+                session = ort.InferenceSession(_onnx_bytes(Scores(model).eval(), batch[:8]),
+                                               providers=["CPUExecutionProvider"])
+                runners["onnx runtime"] = lambda x, s=session: s.run(None, {"images": x.numpy()})[0]
+            except ImportError:
+                pass
+        for how, fn in runners.items():
+            per_batch = timed(fn, batch, 5 if device == "cpu" else 50)
+            rows.append({"model": name, "runtime": how, "images": len(batch), "chunk": chunk,
+                         "images_per_s": len(batch) / per_batch, "latency_ms": latency(fn) * 1e3})
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+             + (f" ({m['gpu']})" if "gpu" in m else "")
+             + f"; matmul peak {m['matmul_gflops']['fp32']:,} GFLOP/s fp32, {m['matmul_gflops']['bf16']:,} bf16", ""]
+    if "training" in results:
+        lines += ["| model | batch | precision | lenet5 img/s | plain DataLoader loop img/s | ratio | share of matmul peak |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['batch_size']} | {r['precision']} | {r['lenet5_images_per_s']:,.0f} | "
+                  f"{r['plain_loop_images_per_s']:,.0f} | {r['ratio']:.2f}x | {r['share_of_matmul_peak']:.0%} |"
+                  for r in results["training"]]
+        lines.append("")
+    if "time_to_99" in results:
+        t = results["time_to_99"]
+        median = f"{t['median_wall_seconds']:.1f} s" if t["median_wall_seconds"] else "never"
+        training = f"{t['median_train_seconds']:.2f} s" if t["median_train_seconds"] else "-"
+        lines += [f"time to 99.0% (`{t['command']}`): median {median} wall from process start "
+                  f"({training} of training), {t['fraction_reached']:.0%} of {len(t['runs'])} seeds reach it", ""]
+    if "keras_recipe" in results:
+        lines += ["| the notebook's recipe (3 epochs) | wall s | training s | test accuracy per epoch |",
+                  "|---|---:|---:|---|"]
+        lines += [f"| {r['who']} | {r['wall_seconds']:.1f} | {r['train_seconds']:.1f} | "
+                  + ", ".join(f"{a:.2%}" for a in r["test_acc"]) + " |" for r in results["keras_recipe"]]
+        lines.append("")
+    if "inference" in results:
+        chunk = results["inference"][0]["chunk"]
+        lines += [f"| model | runtime | img/s (10,000 images, batches of {chunk:,}) | single-image latency ms |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['runtime']} | {r['images_per_s']:,.0f} | {r['latency_ms']:.3f} |"
+                  for r in results["inference"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: lenet5's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--parts", default="training,time_to_99,keras_recipe,inference",
+                        help="comma-separated parts to run (default: all)")
+    parser.add_argument("--images", type=int, default=12_800, help="training images per timed pass")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per training setting (median)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds for the time to 99%%")
+    parser.add_argument("--fast-options", default="", help="options added to --recipe fast (e.g. for a GPU)")
+    parser.add_argument("--tf-python", type=Path, help="a Python with TensorFlow, to run the Keras peer")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (and the table beside it, .md)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test of the suite itself: tiny runs, "
+                        "figures meaningless")
+    parser.add_argument("--inference-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.fast_options = args.fast_options.split()
+    if args.inference_worker:
+        print(json.dumps(inference_worker(args.device)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU here")
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {"benchmark": "suite", "command": "python " + " ".join(sys.argv),
+                               "machine": machine(args.device)}
+    log(f"machine: {results['machine']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "training" in parts:
+            results["training"] = part_training(args, results["machine"]["matmul_gflops"])
+        if "time_to_99" in parts:
+            results["time_to_99"] = part_time_to_99(args, Path(tmp))
+        if "keras_recipe" in parts:
+            results["keras_recipe"] = part_keras_recipe(args, Path(tmp))
+    if "inference" in parts:
+        results["inference"] = part_inference(args)
+    text = table(results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(f"`{results['command']}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
