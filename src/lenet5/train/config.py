@@ -156,4 +156,9 @@ RECIPES: dict[str, Recipe] = {
         "Adam 6e-3 on a one-cycle schedule, batch 128, bf16 (docs/results/benchmarks.md)",
         {"model": "keras-lenet", "optimizer": "adam", "lr": 6e-3, "schedule": "onecycle", "warmup": 0.2,
          "batch_size": 128, "epochs": 1, "precision": "bf16"}),
+    "fast-gpu": Recipe(
+        "the same on a GPU, where a step costs launches, not arithmetic: batch 512, Adam 1e-2, 2 epochs, "
+        "bf16 (0.72 s of training to 99.0%% on an H200)",
+        {"model": "keras-lenet", "optimizer": "adam", "lr": 1e-2, "schedule": "onecycle", "warmup": 0.2,
+         "batch_size": 512, "epochs": 2, "precision": "bf16"}),
 }

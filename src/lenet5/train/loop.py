@@ -138,6 +138,20 @@ def evaluate_split(model: DigitClassifier, split: Split, batch_size: int, world:
     return loss_sum.item() / total.item(), round(correct.item()) / total.item()
 
 
+def _compiled(forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable:
+    """torch.compile; on a GPU with CUDA graphs, which replay a step's kernels in one launch (the
+    steps of these small networks are bound by kernel launches, not arithmetic)."""
+    if device.type != "cuda":
+        return torch.compile(forward)
+    graphed = torch.compile(forward, mode="reduce-overhead")
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
+        return graphed(x)
+
+    return step
+
+
 def warm_up(model: DigitClassifier, forward: Callable[[torch.Tensor], torch.Tensor], train: Split,
             sizes: Sequence[int], world: World = World(), precision: str = "fp32") -> None:
     """Run the training step's forward and backward once per batch shape, then drop the gradients.
@@ -248,9 +262,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
-        # On a GPU, CUDA graphs replay each step's kernels in one launch: the step of these small
-        # networks is bound by kernel launches, not arithmetic.
-        forward = torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else "default")
+        forward = _compiled(forward, device)
     env = environment(device)
     if world.distributed:
         env.update(world_size=world.size, backend=distributed.backend())
