@@ -52,7 +52,8 @@ def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, cap
     code, out, err = run(capsys, "train", "--recipe", "fast", "--batch-size", "100", "--train-samples", "1000",
                          "--test-samples", "200", "--epochs", "1", "--out-dir", str(tmp_path), "--name", "f")
     assert code == 0, err
-    assert "model keras-lenet (1,256,080 parameters) | adam lr 0.006 | onecycle schedule | batch 100" in out
+    assert "model keras-lenet (1,256,080 parameters) | adam lr 0.006 | onecycle schedule | batch 100 | 1 epochs " \
+           "| seed 0 | bf16" in out
     config = json.loads((tmp_path / "f" / "config.json").read_text())
     assert config["precision"] == "bf16" and config["epochs"] == 1 and config["batch_size"] == 100
 

@@ -86,6 +86,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(single, mnist_dir, tmp
 
     # Rank 0 alone prints and writes, and the run records how it was made.
     assert done.stdout.count("test accuracy") == 1 and done.stdout.count("epoch  1  train loss") == 1
+    assert "| batch 63 | 2 epochs | seed 3 | 2 processes (gloo), global batch" in done.stdout
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["world_size"] == 2 and run_info["backend"] == "gloo"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]

@@ -64,8 +64,12 @@ class ConsoleProgress(Callback):
         where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
         print(f"lenet5 {env['lenet5']}{rev} | torch {env['torch']} | {env['device']} ({where})")
         model = create_model(config.model)
+        extra = "" if config.precision == "fp32" else f" | {config.precision}"
+        if env.get("world_size"):
+            extra += f" | {env['world_size']} processes ({env['backend']}), global batch"
         print(f"model {config.model} ({count_parameters(model):,} parameters) | {config.optimizer} lr {config.lr:g} "
-              f"| {config.schedule} schedule | batch {config.batch_size} | {config.epochs} epochs | seed {config.seed}")
+              f"| {config.schedule} schedule | batch {config.batch_size} | {config.epochs} epochs | seed {config.seed}"
+              + extra)
         print(f"run folder: {run_dir}" + (f" (resuming after epoch {start_epoch})" if start_epoch else ""),
               flush=True)
 
