@@ -78,6 +78,11 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass (its backward follows), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, train: Split, batch_size: int,
                 order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50,
@@ -94,8 +99,7 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
     model.train()
     forward = model if forward is None else forward
     device = train.images.device
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = _autocast(device, precision)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
@@ -161,8 +165,7 @@ def warm_up(model: DigitClassifier, forward: Callable[[torch.Tensor], torch.Tens
     creation, torch.compile's compilation per shape). No weight, optimizer state or random
     stream changes, so the run's result is the same with or without it.
     """
-    autocast = (torch.autocast(train.images.device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = _autocast(train.images.device, precision)
     for size in sizes:
         idx = torch.arange(size, device=train.images.device)[world.rank::world.size]
         with autocast:
