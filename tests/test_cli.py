@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from lenet5.cli import main
+from lenet5.hardware import EMULATE, choose_precision, hardware_class
+from lenet5.train.config import RECIPES
 
 
 @pytest.fixture
@@ -49,13 +51,29 @@ def test_train_evaluate_resume_end_to_end(data_env, tmp_path, capsys):
 
 
 def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, capsys):
-    code, out, err = run(capsys, "train", "--recipe", "fast", "--batch-size", "100", "--train-samples", "1000",
-                         "--test-samples", "200", "--epochs", "1", "--out-dir", str(tmp_path), "--name", "f")
+    """`--recipe fast` takes this machine's class's options; typed options win; precision stays auto."""
+    hardware = hardware_class(torch.device("cpu"))
+    expected = RECIPES["fast"].options_for(hardware)
+    code, out, err = run(capsys, "train", "--recipe", "fast", "--device", "cpu", "--batch-size", "100",
+                         "--train-samples", "1000", "--test-samples", "200", "--out-dir", str(tmp_path), "--name", "f")
     assert code == 0, err
-    assert "model keras-lenet (1,256,080 parameters) | adam lr 0.006 | onecycle schedule | batch 100 | 1 epochs " \
-           "| seed 0 | bf16" in out
+    assert f"recipe fast for {hardware}: " in out
+    assert f"model {expected['model']} (" in out and f"| batch 100 | {expected['epochs']} epochs " in out
+    assert f"precision {choose_precision('auto', torch.device('cpu')).precision}: auto: CPU class {hardware}" in out
     config = json.loads((tmp_path / "f" / "config.json").read_text())
-    assert config["precision"] == "bf16" and config["epochs"] == 1 and config["batch_size"] == 100
+    assert config["precision"] == "auto" and config["batch_size"] == 100
+    assert all(config[k] == v for k, v in expected.items() if k != "batch_size")
+
+
+def test_bf16_where_it_is_emulated_warns(mnist_dir, tmp_path):
+    env = {**os.environ, **EMULATE["avx2"], "LENET5_DATA": str(mnist_dir), "LENET5_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lenet5", "train", "--model", "lenet5", "--precision", "bf16",
+                             "--device", "cpu", "--batch-size", "100", "--train-samples", "200", "--test-samples", "100",
+                             "--epochs", "1", "--out-dir", str(tmp_path), "--name", "b"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "warning: --precision bf16 will be slow on this machine" in result.stderr
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["precision_slow"] is True
 
 
 @pytest.mark.parametrize("argv, code, message", [

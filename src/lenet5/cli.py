@@ -22,9 +22,11 @@ from lenet5 import distributed
 from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate_checkpoint
+from lenet5.hardware import hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
+from lenet5.runtime import resolve_device
 from lenet5.train import Callback, TrainConfig, fit, resume
 from lenet5.train.config import RECIPES
 
@@ -64,12 +66,16 @@ class ConsoleProgress(Callback):
         where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
         print(f"lenet5 {env['lenet5']}{rev} | torch {env['torch']} | {env['device']} ({where})")
         model = create_model(config.model)
-        extra = "" if config.precision == "fp32" else f" | {config.precision}"
+        extra = f" | {env['precision']}"
         if env.get("world_size"):
             extra += f" | {env['world_size']} processes ({env['backend']}), global batch"
         print(f"model {config.model} ({count_parameters(model):,} parameters) | {config.optimizer} lr {config.lr:g} "
               f"| {config.schedule} schedule | batch {config.batch_size} | {config.epochs} epochs | seed {config.seed}"
               + extra)
+        print(f"precision {env['precision']}: {env['precision_reason']}")
+        if env["precision_slow"]:
+            print("warning: --precision bf16 will be slow on this machine; --precision auto picks fp32 here",
+                  file=sys.stderr, flush=True)
         print(f"run folder: {run_dir}" + (f" (resuming after epoch {start_epoch})" if start_epoch else ""),
               flush=True)
 
@@ -154,7 +160,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CheckpointError(f"{args.resume}: not a run folder (no config.json)")
         device = TrainConfig.from_json(args.resume / "config.json").device
     else:
-        base = dict(RECIPES[args.recipe].options) if args.recipe else {}
+        base = {}
+        if args.recipe:
+            hardware = hardware_class(resolve_device(given.get("device", "auto")))
+            base = RECIPES[args.recipe].options_for(hardware)
+            if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
+                print(f"recipe {args.recipe} for {hardware}: {RECIPES[args.recipe].why_for(hardware)}")
         if args.config:
             base.update(TrainConfig.from_json(args.config).to_dict())
         if "optimizer" in given and "lr" not in given:
@@ -385,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent of run folders (default: runs)")
     run.add_argument("--name", help="run folder name (default: DATE-TIME-MODEL)")
     run.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (options typed here "
-                     "override it): " + "; ".join(f"{k}: {v.summary}" for k, v in RECIPES.items()))
+                     "override it): " + "; ".join(f"{k}: {v.summary}" for k, v in RECIPES.items()).replace("%", "%%"))
     run.add_argument("--config", type=Path, help="start from this config.json (over --recipe; options typed here "
                      "override it)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")

@@ -16,6 +16,7 @@ import torch
 
 import lenet5
 from lenet5.errors import ConfigError
+from lenet5.hardware import cpu_class, cpu_model, usable_cores
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,16 +72,6 @@ def flush_denormals() -> bool:
     return torch.set_flush_denormal(True)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_revision() -> str | None:
     """The project's git revision when lenet5 runs from a checkout (with '+dirty' for local edits)."""
     source = Path(__file__).resolve().parent
@@ -109,6 +100,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "cpu_class": cpu_class(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }

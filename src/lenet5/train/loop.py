@@ -8,7 +8,8 @@ Speed choices, named where they matter:
 - the epoch's shuffle comes from its own seeded generator, so epoch e sees the same order
   whether or not the run was interrupted before it;
 - `--precision bf16` runs the forward and backward passes under bf16 autocast (the weights,
-  the optimizer and the evaluation stay fp32); `--compile` hands the model to torch.compile.
+  the optimizer and the evaluation stay fp32), and `auto` does so only where bf16 is fast
+  (lenet5.hardware); `--compile` hands the model to torch.compile.
 
 Under torchrun the same loop runs data-parallel (see lenet5.distributed): each rank computes
 its share of every global batch, DDP averages the gradients, metric sums are all-reduced and
@@ -39,13 +40,16 @@ from lenet5.evaluate import EVAL_BATCH, evaluate
 from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.models import DigitClassifier, count_parameters, create_model
 from lenet5.plots import plot_curves
+from lenet5.hardware import choose_precision, usable_cores
 from lenet5.runtime import environment, flush_denormals, resolve_device, tune_allocator
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import load_train_state, restore_rng, save_train_state
+from lenet5.train.threads import ThreadGovernor
 
-HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds")
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds",
+                  "threads")
 EVAL_TRAIN_FIELDS = ("train_eval_loss", "train_eval_acc")  # with TrainConfig.eval_train
 
 
@@ -88,14 +92,15 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
                 order: torch.Tensor, callbacks: Sequence[Callback] = (), log_every: int = 50,
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None, world: World = World(),
-                precision: str = "fp32") -> tuple[float, float]:
+                precision: str = "fp32", governor: ThreadGovernor | None = None) -> tuple[float, float]:
     """One pass over `train` in the given order; returns the running mean loss and accuracy
     (as Keras reports them: averaged over the epoch's batches while the weights change).
 
     `augment`, if given, transforms each (B, 1, 28, 28) float batch on its device. `forward` is
     what computes the outputs (the model itself, or its DDP or compiled wrapper). With a `world`
     of several ranks, each step's `batch_size` images are the global batch and this rank takes
-    every `world.size`-th of them; the returned figures are over all ranks."""
+    every `world.size`-th of them; the returned figures are over all ranks. A `governor` (CPU only)
+    is told each step's time and may change the thread count between steps."""
     model.train()
     forward = model if forward is None else forward
     device = train.images.device
@@ -104,6 +109,7 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     for step, start in enumerate(range(0, len(order), batch_size), 1):
+        started = time.perf_counter()
         batch = order[start:start + batch_size]
         idx = batch[world.rank::world.size] if world.distributed else batch
         x, y = to_model_input(train.images[idx]), train.labels[idx]  # (B, 1, 28, 28), (B,)
@@ -122,6 +128,8 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
         loss_sum += loss.detach() * len(idx)
         correct += (model.logits(outputs.detach()).argmax(1) == y).sum()
         seen += len(idx)
+        if governor is not None and governor.step_done(time.perf_counter() - started):
+            governor.probe(lambda: _shadow_step(model, forward, x, y, autocast))
         if callbacks and step % log_every == 0:
             loss_now, acc_now = loss_sum.item() / seen, correct.item() / seen  # this rank's share
             for cb in callbacks:
@@ -129,6 +137,15 @@ def train_epoch(model: DigitClassifier, optimizer: torch.optim.Optimizer,
     loss_sum, correct_sum, seen_sum = distributed.all_reduce_sum(
         loss_sum, correct.double(), torch.tensor(float(seen), device=device))
     return loss_sum.item() / seen_sum.item(), correct_sum.item() / seen_sum.item()
+
+
+def _shadow_step(model: DigitClassifier, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor, autocast: contextlib.AbstractContextManager) -> None:
+    """A training step's forward and backward with the gradients thrown away: changes no state."""
+    with autocast:
+        outputs = forward(x)
+    model.loss(outputs.float(), y).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def evaluate_split(model: DigitClassifier, split: Split, batch_size: int, world: World = World()) -> tuple[float, float]:
@@ -177,7 +194,8 @@ def warm_up(model: DigitClassifier, forward: Callable[[torch.Tensor], torch.Tens
 def _write_history(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
     atomic_write_json(run_dir / "history.json", history)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(history[0]), lineterminator="\n")
+    # the union of the records' fields: a run resumed by a newer lenet5 may have gained some
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in history for k in r)), lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "history.csv", text.getvalue())
@@ -220,8 +238,14 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         callbacks = ()
     tune_allocator()
     flush_denormals()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    # A fixed --threads N is kept; otherwise the governor starts from the cores this process may use
+    # (CPU, one process) and backs off while other processes compete for them.
+    governor = None
+    if config.threads or device.type != "cpu" or world.distributed:
+        torch.set_num_threads(config.threads or usable_cores())
+    else:
+        governor = ThreadGovernor(usable_cores())
+    precision = choose_precision(config.precision, device)
     train = mnist.train.head(config.train_samples).to(device)
     test = mnist.test.head(config.test_samples).to(device)
     if config.batch_size > len(train):
@@ -267,6 +291,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     if config.compile:
         forward = _compiled(forward, device)
     env = environment(device)
+    env.update(precision=precision.precision, precision_reason=precision.reason, precision_slow=precision.slow)
     if world.distributed:
         env.update(world_size=world.size, backend=distributed.backend())
     if world.is_main:
@@ -277,7 +302,11 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     eval_batch = config.eval_batch_size or (EVAL_BATCH if device.type == "cpu" else 10_000)
     if len(history) < config.epochs:
         last = len(train) % config.batch_size
-        warm_up(model, forward, train, [config.batch_size] + ([last] if last else []), world, config.precision)
+        warm_up(model, forward, train, [config.batch_size] + ([last] if last else []), world, precision.precision)
+        if governor is not None:
+            idx = torch.arange(config.batch_size, device=device)
+            governor.probe(lambda: _shadow_step(model, forward, to_model_input(train.images[idx]), train.labels[idx],
+                                                _autocast(device, precision.precision)))
     best_acc = max((r["test_acc"] for r in history), default=-1.0)
     title = f"{config.model}, {config.optimizer}, batch {config.batch_size}"
     augment = random_affine if config.distort else None
@@ -294,7 +323,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         order = epoch_permutation(config.seed, epoch, len(train)).to(device)
         train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size, order, callbacks,
                                             augment=augment, forward=forward, world=world,
-                                            precision=config.precision)
+                                            precision=precision.precision, governor=governor)
         train_seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
@@ -302,7 +331,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         test_loss, test_acc = evaluate_split(model, test, eval_batch, world)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                   "test_acc": test_acc, "lr": lr, "train_seconds": train_seconds,
-                  "seconds": time.perf_counter() - started}
+                  "seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
         if config.eval_train:
             record["train_eval_loss"], record["train_eval_acc"] = evaluate_split(model, train, eval_batch, world)
         history.append(record)

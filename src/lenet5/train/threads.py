@@ -1,0 +1,88 @@
+"""How many CPU threads a training step should use while other processes compete for the cores.
+
+PyTorch splits each operation statically over its threads, so one thread on a core that another
+process also wants makes every operation wait for it: with one of 2 cores kept busy, a classic
+lenet5 epoch took 3.4x its quiet time on 2 threads and 1.4x on 1 thread; two trainings at once,
+2 threads each, took over 15x (measured on a 2-core EPYC, issue 9). The governor keeps the full
+count while that is fastest and falls back to fewer threads when measurements say so.
+
+Probes time extra forward and backward passes whose gradients are thrown away, so they change
+no weight: on a quiet machine, where the full count wins every probe, a run is bit-for-bit the
+run it would be without the governor. Under load the count follows the measurements, and another
+count rounds some sums differently (oneDNN and MKL split reductions per thread), so results
+may differ in the last bits; `--threads N` fixes the count and, with it, those bits.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+
+def candidate_counts(most: int) -> list[int]:
+    """The counts worth trying: the full count, then halving down to one."""
+    counts, n = [], most
+    while n > 1:
+        counts.append(n)
+        n //= 2
+    return counts + [1]
+
+
+class ThreadGovernor:
+    """Watches training-step times and sets torch's thread count to the fastest of a few candidates.
+
+    Steps of a run have one shape, so their times compare directly. `step_done` says when a probe
+    is due: when the recent steps are `slowdown` times slower than the current count measured at
+    the last probe (competition arrived), or `recheck_s` seconds after a probe that left fewer
+    than all threads (competition may have gone). `probe` times a state-free step at each count
+    and keeps the fastest if it beats the current one by the factor `margin`.
+    """
+
+    def __init__(self, most: int, *, repeats: int = 5, margin: float = 0.85, slowdown: float = 1.4,
+                 recheck_s: float = 5.0):
+        self.counts = candidate_counts(most)
+        self.repeats, self.margin, self.slowdown, self.recheck_s = repeats, margin, slowdown, recheck_s
+        self.threads = most
+        self.reference = 0.0  # seconds per real step at self.threads, just after the last probe
+        self.recent: deque[float] = deque(maxlen=10)
+        self.probed_at = time.perf_counter()
+        self.probes = 0
+        torch.set_num_threads(most)
+
+    def step_done(self, seconds: float) -> bool:
+        """Record one training step's wall time; True when a probe should follow."""
+        self.recent.append(seconds)
+        if len(self.recent) < self.recent.maxlen or len(self.counts) == 1:
+            return False
+        now = statistics.median(self.recent)
+        if not self.reference:
+            self.reference = now
+            return False
+        below_full = self.threads != self.counts[0]
+        return now > self.slowdown * self.reference or (below_full and time.perf_counter() - self.probed_at > self.recheck_s)
+
+    def probe(self, work: Callable[[], None]) -> int:
+        """Time `work` (a step that changes no state) at each candidate count; keep the fastest."""
+        medians = {}
+        for n in [c for c in self.counts if c != self.threads] + [self.threads]:
+            torch.set_num_threads(n)
+            work()  # the first run at a new count pays its set-up
+            times = []
+            for _ in range(self.repeats):
+                started = time.perf_counter()
+                work()
+                times.append(time.perf_counter() - started)
+            medians[n] = statistics.median(times)
+        best = min(medians, key=medians.__getitem__)
+        if medians[best] < self.margin * medians[self.threads]:
+            self.threads = best
+        torch.set_num_threads(self.threads)
+        self.recent.clear()
+        self.reference = 0.0  # re-measured on the next real steps
+        self.probed_at = time.perf_counter()
+        self.probes += 1
+        return self.threads

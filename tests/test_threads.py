@@ -1,0 +1,75 @@
+"""The thread governor: picks the faster count, backs off under competition, changes no weights."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lenet5.data.transforms import to_model_input
+from lenet5.models import create_model
+from lenet5.train.loop import _autocast, _shadow_step
+from lenet5.train.threads import ThreadGovernor, candidate_counts
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_candidate_counts():
+    assert candidate_counts(1) == [1]
+    assert candidate_counts(2) == [2, 1]
+    assert candidate_counts(8) == [8, 4, 2, 1]
+    assert candidate_counts(6) == [6, 3, 1]
+
+
+def sleeper(seconds_by_threads: dict[int, float]):
+    """Work whose time depends on the thread count, as a step's does under competition."""
+    return lambda: time.sleep(seconds_by_threads[torch.get_num_threads()])
+
+
+def test_probe_keeps_the_full_count_when_it_is_fastest():
+    governor = ThreadGovernor(2, repeats=3)
+    assert governor.probe(sleeper({2: 0.002, 1: 0.040})) == 2 and torch.get_num_threads() == 2
+
+
+def test_probe_backs_off_when_fewer_threads_are_clearly_faster():
+    governor = ThreadGovernor(2, repeats=3)
+    assert governor.probe(sleeper({2: 0.040, 1: 0.002})) == 1 and torch.get_num_threads() == 1
+
+
+def test_probe_ignores_a_small_difference():
+    """Switching costs bit-reproducibility, so a gain inside the margin is not taken."""
+    governor = ThreadGovernor(2, repeats=3, margin=0.5)
+    assert governor.probe(sleeper({2: 0.006, 1: 0.004})) == 2
+
+
+def test_a_slowdown_asks_for_a_probe_and_a_steady_pace_does_not():
+    governor = ThreadGovernor(2, slowdown=1.4)
+    asked = [governor.step_done(0.010) for _ in range(30)]
+    assert not any(asked)  # the reference is measured; steady steps never ask
+    asked = [governor.step_done(0.030) for _ in range(10)]
+    assert asked[-1]  # three times slower for a whole window: probe
+
+
+def test_below_the_full_count_it_rechecks_after_a_while():
+    governor = ThreadGovernor(2, repeats=1, recheck_s=0.0)
+    governor.probe(sleeper({2: 0.040, 1: 0.002}))
+    assert governor.threads == 1
+    asked = [governor.step_done(0.002) for _ in range(30)]
+    assert any(asked)  # the competition may have gone: look again
+
+
+def test_shadow_step_changes_no_state(mnist):
+    """The probes' work: weights and gradients are as before it ran."""
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _shadow_step(model, model, x, y, _autocast(torch.device("cpu"), "fp32"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
