@@ -1,21 +1,25 @@
 """lenet5's benchmark suite: one command, one table, one JSON file.
 
     python benchmarks/suite.py --data-dir ../shared/mnist --out docs/results/benchmarks-cpu.json \
-        [--tf-python /path/to/tf-venv/bin/python] [--device cuda] [--quick]
+        [--cpu-class avx2|avx512|avx512-bf16] [--tf-python /path/to/tf-venv/bin/python] [--device cuda] [--quick]
 
 What it measures, each part in fresh processes so no setting of one leaks into another, and
 every ratio against a baseline measured in the same run (these machines are noisy):
 
-1. machine: CPU, cores, torch, device, and the measured peak of a large matmul in fp32 and bf16;
+1. machine: CPU, its class (lenet5.hardware; --cpu-class emulates a lesser one), cores, torch,
+   device, and the measured peak of a large matmul in fp32 and bf16;
 2. training images/s per model and batch size, lenet5's loop against a plain PyTorch
    DataLoader loop (benchmarks/train_throughput.py), with the share of the matmul peak reached
    (FLOPs per training image counted by torch.utils.flop_counter);
 3. time to 99.0% test accuracy: `lenet5 train --recipe fast --stop-at 0.99`, wall-clock from
    process start (imports and data loading included) to the end of the epoch that reaches it,
    median over seeds and the fraction of seeds that reach it;
-4. the reference notebook's recipe end to end (`lenet5 train`, fp32 and bf16) and, with
+4. contention: a classic lenet5 epoch alone, beside a process that keeps one core busy, and two
+   trainings at once, with the thread governor and with a fixed thread count;
+5. the reference notebook's recipe end to end (`lenet5 train` as typed, and in fp32 where that
+   picked bf16) with its share of the matmul peak over the whole wall time and, with
    --tf-python, the same recipe in Keras (benchmarks/peers/keras_lenet.py) in the same run;
-5. inference: batch images/s and single-image latency, PyTorch eager (fp32, bf16), TorchScript
+6. inference: batch images/s and single-image latency, PyTorch eager (fp32, bf16), TorchScript
    and ONNX Runtime when installed (random weights: speed does not depend on them).
 """
 
@@ -42,6 +46,7 @@ import train_throughput  # noqa: E402  (this folder's script, reused for part 2)
 
 from lenet5.evaluate import EVAL_BATCH  # noqa: E402
 from lenet5.models import create_model  # noqa: E402
+from lenet5.hardware import EMULATE, choose_precision, cpu_class, usable_cores  # noqa: E402
 from lenet5.runtime import cpu_model  # noqa: E402
 
 # (model, batch, precision): the batch sizes users use, and the settings the recipes use.
@@ -76,7 +81,10 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
 
 def machine(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "torch": torch.__version__, "python": platform.python_version(), "device": device}
+                            "torch": torch.__version__, "python": platform.python_version(), "device": device,
+                            "cpu_class": cpu_class(), "cpu_flags_class": _native_class(),
+                            "emulation": {k: os.environ[k] for k in sorted({k for e in EMULATE.values() for k in e})
+                                          if k in os.environ}}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
@@ -84,6 +92,13 @@ def machine(device: str) -> dict[str, Any]:
     info["matmul_gflops"] = {name: round(matmul_peak(device, dtype, n)) for name, dtype in
                              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     return info
+
+
+def _native_class() -> str:
+    """The class without emulation, from a clean child process."""
+    env = {k: v for k, v in os.environ.items() if k not in {k for e in EMULATE.values() for k in e}}
+    code = "from lenet5.hardware import cpu_class; print(cpu_class())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def training_flops_per_image(name: str) -> float:
@@ -99,7 +114,10 @@ def training_flops_per_image(name: str) -> float:
 
 def part_training(args: argparse.Namespace, peak: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
+    bf16_fast = choose_precision("auto", torch.device(args.device)).precision == "bf16"
     for name, batch, precision in TRAIN_SETTINGS[args.device]:
+        if precision == "bf16" and not bf16_fast:
+            continue  # emulated bf16: minutes per setting, and no recipe uses it here
         ours, plain = [], []
         for _ in range(args.rounds):  # alternating, so machine noise hits both
             ours.append(train_throughput.measure("lenet5", name, batch, args, precision))
@@ -154,14 +172,28 @@ def part_time_to_99(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             "median_train_seconds": statistics.median(r["train_seconds"] for r in good) if good else None}
 
 
-def part_keras_recipe(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+def run_flops(history: list[dict[str, Any]], model: str, train_images: int = 60_000, test_images: int = 10_000) -> float:
+    """The arithmetic a run did: every epoch's training images forward and backward, test images forward."""
+    train = training_flops_per_image(model)
+    return len(history) * (train_images * train + test_images * train / 3)
+
+
+def part_keras_recipe(args: argparse.Namespace, out_dir: Path, peak: dict[str, float]) -> list[dict[str, Any]]:
+    """`lenet5 train` as a user types it (precision auto), and in the other precision where auto took bf16."""
     rows = []
-    for precision in ("fp32", "bf16"):
-        run = lenet5_train(args, out_dir, f"keras-{precision}", "--precision", precision)
-        rows.append({"who": f"lenet5 ({precision})", "command": run["command"], "wall_seconds": run["wall_seconds"],
+    for precision in ("auto", "fp32"):
+        run = lenet5_train(args, out_dir, f"keras-{precision}", *(["--precision", precision] if precision != "auto" else []))
+        used = json.loads((out_dir / f"keras-{precision}" / "run.json").read_text())["precision"]
+        if precision == "fp32" and used == rows[0]["precision"]:
+            break  # auto took fp32 already
+        flops = run_flops(run["history"], "keras-lenet")
+        rows.append({"who": f"lenet5 ({used}{', auto' if precision == 'auto' else ''})", "command": run["command"],
+                     "precision": used, "wall_seconds": run["wall_seconds"],
                      "train_seconds": sum(r["train_seconds"] for r in run["history"]),
+                     "share_of_matmul_peak": flops / run["wall_seconds"] / 1e9 / peak[used],
                      "test_acc": [r["test_acc"] for r in run["history"]]})
-        log(f"keras recipe, lenet5 {precision}: {run['wall_seconds']:.1f} s wall, test acc {rows[-1]['test_acc']}")
+        log(f"keras recipe, lenet5 {used}: {run['wall_seconds']:.1f} s wall, {rows[-1]['share_of_matmul_peak']:.0%} "
+            f"of the {used} peak, test acc {rows[-1]['test_acc']}")
     if args.tf_python:
         command = [str(args.tf_python), str(HERE / "peers" / "keras_lenet.py"), "--data-dir", str(args.data_dir)]
         started = time.perf_counter()
@@ -173,6 +205,43 @@ def part_keras_recipe(args: argparse.Namespace, out_dir: Path) -> list[dict[str,
         rows.append({"who": f"Keras (TensorFlow {peer['tensorflow']})", "command": "python benchmarks/peers/keras_lenet.py",
                      "wall_seconds": wall, "train_seconds": peer["fit_seconds"], "test_acc": peer["val_accuracy"]})
         log(f"keras recipe, Keras: {wall:.1f} s wall, test acc {peer['val_accuracy']}")
+    return rows
+
+
+def part_contention(args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+    """A classic lenet5 epoch alone, beside a process that keeps one core busy, and two at once; each
+    with the default thread governor and with the count fixed at the cores (the behaviour before it)."""
+    options = ["--model", "lenet5", "--optimizer", "adam", "--batch-size", "128", "--epochs", "1", "--test-samples",
+               "1000", "--device", "cpu", "--quiet", "--offline", "--out-dir", str(out_dir)]
+    if args.data_dir:
+        options += ["--data-dir", str(args.data_dir)]
+    if args.quick:
+        options += ["--train-samples", "2000"]
+
+    def trainings(names: list[str], extra: list[str]) -> list[float]:
+        runs = [subprocess.Popen([sys.executable, "-m", "lenet5", "train", *options, "--name", name, *extra],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in names]
+        for run in runs:
+            if run.wait() != 0:
+                raise SystemExit(f"contention run failed: {run.stderr.read()[-2000:]}")
+        return [json.loads((out_dir / name / "history.json").read_text())[0]["train_seconds"] for name in names]
+
+    rows = []
+    for label, extra in (("governor (default)", []), (f"--threads {usable_cores()} (fixed)", ["--threads", str(usable_cores())])):
+        tag = "g" if not extra else "f"
+        quiet = trainings([f"quiet-{tag}"], extra)[0]
+        busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\nwhile time.time() < end: pass"])
+        try:
+            contended = trainings([f"busy-{tag}"], extra)[0]
+        finally:
+            busy.kill()
+            busy.wait()
+        pair = trainings([f"pair-a-{tag}", f"pair-b-{tag}"], extra)
+        row = {"threads": label, "quiet_s": quiet, "one_core_busy_s": contended, "two_at_once_s": pair,
+               "one_core_busy_ratio": contended / quiet, "two_at_once_ratio": max(pair) / quiet}
+        log(f"contention, {label}: quiet {quiet:.1f} s, one core busy {contended:.1f} s ({row['one_core_busy_ratio']:.2f}x), "
+            f"two at once {pair[0]:.1f}/{pair[1]:.1f} s ({row['two_at_once_ratio']:.2f}x)")
+        rows.append(row)
     return rows
 
 
@@ -236,7 +305,8 @@ def inference_worker(device: str) -> list[dict[str, Any]]:
                 return model.logits(model(x))
 
         runners["eager fp32"] = eager
-        runners["eager bf16"] = eager_bf16
+        if choose_precision("auto", torch.device(device)).precision == "bf16":
+            runners["eager bf16"] = eager_bf16
         from lenet5.export import Scores
 
         with torch.no_grad():
@@ -264,7 +334,10 @@ def inference_worker(device: str) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+    emulated = ", ".join(f"{k}={v}" for k, v in m.get("emulation", {}).items())
+    lines = [f"### CPU class {m.get('cpu_class', '?')}" + (f" (emulated on an {m['cpu_flags_class']} CPU: {emulated})"
+                                                           if emulated else ""), "",
+             f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if "gpu" in m else "")
              + f"; matmul peak {m['matmul_gflops']['fp32']:,} GFLOP/s fp32, {m['matmul_gflops']['bf16']:,} bf16", ""]
     if "training" in results:
@@ -281,10 +354,18 @@ def table(results: dict[str, Any]) -> str:
         lines += [f"time to 99.0% (`{t['command']}`): median {median} wall from process start "
                   f"({training} of training), {t['fraction_reached']:.0%} of {len(t['runs'])} seeds reach it", ""]
     if "keras_recipe" in results:
-        lines += ["| the notebook's recipe (3 epochs) | wall s | training s | test accuracy per epoch |",
-                  "|---|---:|---:|---|"]
+        lines += ["| the notebook's recipe (3 epochs) | wall s | training s | share of matmul peak (wall) "
+                  "| test accuracy per epoch |", "|---|---:|---:|---:|---|"]
         lines += [f"| {r['who']} | {r['wall_seconds']:.1f} | {r['train_seconds']:.1f} | "
+                  + (f"{r['share_of_matmul_peak']:.0%}" if "share_of_matmul_peak" in r else "-") + " | "
                   + ", ".join(f"{a:.2%}" for a in r["test_acc"]) + " |" for r in results["keras_recipe"]]
+        lines.append("")
+    if "contention" in results:
+        lines += ["| classic lenet5, one epoch (batch 128, Adam) | quiet s | one core busy s | two at once s |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['threads']} | {r['quiet_s']:.1f} | {r['one_core_busy_s']:.1f} ({r['one_core_busy_ratio']:.2f}x) | "
+                  f"{' / '.join(f'{t:.1f}' for t in r['two_at_once_s'])} ({r['two_at_once_ratio']:.2f}x) |"
+                  for r in results["contention"]]
         lines.append("")
     if "inference" in results:
         chunk = results["inference"][0]["chunk"]
@@ -299,7 +380,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: lenet5's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--parts", default="training,time_to_99,keras_recipe,inference",
+    parser.add_argument("--parts", default="training,time_to_99,contention,keras_recipe,inference",
                         help="comma-separated parts to run (default: all)")
     parser.add_argument("--images", type=int, default=12_800, help="training images per timed pass")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per training setting (median)")
@@ -309,8 +390,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and the table beside it, .md)")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the suite itself: tiny runs, "
                         "figures meaningless")
+    parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="run the whole suite as a CPU of this class "
+                        "(oneDNN/ATen/MKL instruction-set caps; default: this CPU as it is)")
     parser.add_argument("--inference-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_class and any(os.environ.get(k) != v for k, v in EMULATE[args.cpu_class].items()):
+        # The caps are read when torch loads: start again with them, so every part (and the peak) sees them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[args.cpu_class]})
     args.fast_options = args.fast_options.split()
     if args.inference_worker:
         print(json.dumps(inference_worker(args.device)))
@@ -326,8 +412,10 @@ def main() -> None:
             results["training"] = part_training(args, results["machine"]["matmul_gflops"])
         if "time_to_99" in parts:
             results["time_to_99"] = part_time_to_99(args, Path(tmp))
+        if "contention" in parts:
+            results["contention"] = part_contention(args, Path(tmp))
         if "keras_recipe" in parts:
-            results["keras_recipe"] = part_keras_recipe(args, Path(tmp))
+            results["keras_recipe"] = part_keras_recipe(args, Path(tmp), results["machine"]["matmul_gflops"])
     if "inference" in parts:
         results["inference"] = part_inference(args)
     text = table(results)

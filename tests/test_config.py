@@ -72,5 +72,8 @@ def test_every_recipe_is_a_valid_config():
 
     assert RECIPES["keras"].options == {}  # the blog post's run is the defaults
     for name, recipe in RECIPES.items():
-        config = TrainConfig(**recipe.options)
-        assert all(getattr(config, k) == v for k, v in recipe.options.items()), name
+        for hardware in (None, *recipe.by_class):
+            options = recipe.options_for(hardware) if hardware else recipe.options
+            config = TrainConfig(**options)
+            assert all(getattr(config, k) == v for k, v in options.items()), (name, hardware)
+            assert "precision" not in options, "precision is chosen per machine (auto), never by a recipe"

@@ -18,7 +18,7 @@ from lenet5.models import list_models
 
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "sdlm")
 SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "sdlm": 5e-4}
 
 
@@ -60,9 +60,10 @@ class TrainConfig:
     eval_batch_size: int = field(default=0, metadata=_opt(
         "images per step when evaluating (0: 512 on a CPU, where it keeps the caches warm; 10,000 on a GPU)"))
     threads: int = field(default=0, metadata=_opt("CPU threads (0: PyTorch's default, one per core)"))
-    precision: str = field(default="fp32", metadata=_opt(
-        "arithmetic of the forward and backward passes: fp32, or bf16 autocast (weights, optimizer and "
-        "evaluation stay fp32; fast on CPUs with AVX512-BF16/AMX and on GPUs)", choices=PRECISIONS))
+    precision: str = field(default="auto", metadata=_opt(
+        "arithmetic of the forward and backward passes: fp32, bf16 autocast (weights, optimizer and "
+        "evaluation stay fp32), or auto: bf16 where it is fast (a GPU with bf16, a CPU with AMX or "
+        "AVX512-BF16), else fp32", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=_opt(
         "run the model through torch.compile, with CUDA graphs on a GPU (on a CPU it compiles for "
         "seconds and did not pay in our measurements)"))
@@ -144,22 +145,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named starting point for `lenet5 train --recipe NAME`: a summary and the options it sets."""
+    """A named starting point for `lenet5 train --recipe NAME`: a summary and the options it sets,
+    per hardware class where the best choice differs (`lenet5.hardware.hardware_class`)."""
 
     summary: str
     options: dict[str, Any]
+    by_class: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # class -> (why, options)
 
+    def options_for(self, hardware: str) -> dict[str, Any]:
+        return dict(self.by_class[hardware][1] if hardware in self.by_class else self.options)
+
+    def why_for(self, hardware: str) -> str:
+        return self.by_class[hardware][0] if hardware in self.by_class else self.summary
+
+
+_ONE_CYCLE = {"optimizer": "adam", "schedule": "onecycle", "warmup": 0.2}
+_FAST_BF16 = {"model": "keras-lenet", "lr": 6e-3, "batch_size": 128, "epochs": 1, **_ONE_CYCLE}
+_FAST_GPU = {"model": "keras-lenet", "lr": 1e-2, "batch_size": 512, "epochs": 2, **_ONE_CYCLE}
+_FAST_FP32 = {"model": "slim-lenet", "lr": 1e-2, "batch_size": 128, "epochs": 1, **_ONE_CYCLE}
 
 RECIPES: dict[str, Recipe] = {
     "keras": Recipe("the blog post's run, as with no options (keras-lenet, RMSprop, batch 32, 3 epochs)", {}),
     "fast": Recipe(
-        "the shortest time to 99.0%% test accuracy we found on a 2-core CPU: keras-lenet, one epoch, "
-        "Adam 6e-3 on a one-cycle schedule, batch 128, bf16 (docs/results/benchmarks.md)",
-        {"model": "keras-lenet", "optimizer": "adam", "lr": 6e-3, "schedule": "onecycle", "warmup": 0.2,
-         "batch_size": 128, "epochs": 1, "precision": "bf16"}),
-    "fast-gpu": Recipe(
-        "the same on a GPU, where a step costs launches, not arithmetic: batch 512, Adam 1e-2, 2 epochs, "
-        "bf16 (0.72 s of training to 99.0%% on an H200)",
-        {"model": "keras-lenet", "optimizer": "adam", "lr": 1e-2, "schedule": "onecycle", "warmup": 0.2,
-         "batch_size": 512, "epochs": 2, "precision": "bf16"}),
+        "the shortest time to 99.0% test accuracy measured for the hardware at hand "
+        "(docs/results/benchmarks.md): keras-lenet in bf16 where bf16 is native, slim-lenet in fp32 on "
+        "other CPUs, keras-lenet at batch 512 for 2 epochs on a GPU",
+        _FAST_FP32,
+        by_class={
+            "amx": ("keras-lenet, Adam 6e-3 one-cycle, batch 128, 1 epoch: bf16 makes the big network cheap", _FAST_BF16),
+            "avx512-bf16": ("keras-lenet, Adam 6e-3 one-cycle, batch 128, 1 epoch: bf16 makes the big network cheap",
+                            _FAST_BF16),
+            "avx512": ("slim-lenet, Adam 1e-2 one-cycle, batch 128, 1 epoch: fp32 only, so the network with "
+                       "5x fewer FLOPs than keras-lenet", _FAST_FP32),
+            "avx2": ("slim-lenet, Adam 1e-2 one-cycle, batch 128, 1 epoch: fp32 only, so the network with "
+                     "5x fewer FLOPs than keras-lenet", _FAST_FP32),
+            "gpu": ("keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs: a GPU step costs launches, not "
+                    "arithmetic (0.72 s of training to 99.0% on an H200)", _FAST_GPU),
+        }),
+    "fast-gpu": Recipe("what `fast` picks on a GPU: keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs", _FAST_GPU),
 }
