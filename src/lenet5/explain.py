@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from lenet5.data.transforms import to_model_input
 from lenet5.models import DigitClassifier
+from lenet5.plots import figure_png
 from lenet5.preprocess import prepare_file
 
 
@@ -43,9 +43,6 @@ def explain_file(model: DigitClassifier, image: str | Path | bytes) -> Explanati
 
 def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 16) -> bytes:
     """One figure: the input, each layer's maps (one row per layer), and the class probabilities."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     layers = [(k, v) for k, v in explanation.maps.items() if k not in ("input", "output")]
@@ -84,6 +81,4 @@ def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 
             cell.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)

@@ -1,4 +1,8 @@
-"""Figures, rendered to PNG bytes so callers can write them atomically."""
+"""Figures, rendered to PNG bytes so callers can write them atomically.
+
+Every figure is a `matplotlib.figure.Figure` rendered by its own canvas: no pyplot, no backend
+switch, so plotting from the library leaves a notebook's figures and backend as they were.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,6 @@ from typing import Sequence
 def plot_curves(history: Sequence[dict], title: str = "") -> bytes:
     """The blog post's two figures side by side: loss vs. epochs and accuracy vs. epochs,
     each with a train and a test curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; the CLI and CI are headless
     from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
@@ -28,17 +29,12 @@ def plot_curves(history: Sequence[dict], title: str = "") -> bytes:
         ax.legend()
     if title:
         fig.suptitle(title)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def plot_error_curves(history: Sequence[dict], reference: float | None = None, title: str = "") -> bytes:
     """Training and test error (%) per pass, as the paper's Figure 5; `reference` is the paper's
     final test error, drawn as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     passes = [r["epoch"] for r in history]
@@ -58,16 +54,11 @@ def plot_error_curves(history: Sequence[dict], reference: float | None = None, t
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "Error vs. passes (cf. LeCun et al. 1998, Fig. 5)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def plot_digit_gallery(images: Sequence, captions: Sequence[str], columns: int = 12, title: str = "") -> bytes:
     """A grid of 28x28 digits (uint8 or float arrays, ink high) with a caption under each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     n = max(1, len(images))
@@ -82,21 +73,16 @@ def plot_digit_gallery(images: Sequence, captions: Sequence[str], columns: int =
             ax.set_title(captions[k], fontsize=7, pad=2)
     if title:
         fig.suptitle(title, fontsize=9)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -121,7 +107,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], title: str = "") -> bytes:
     ax.set_ylabel("true")
     ax.set_title(title or "Confusion matrix (test set)")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_rejection(rejected: Sequence[float], error: Sequence[float], target: float | None = None,
@@ -139,7 +125,7 @@ def plot_rejection(rejected: Sequence[float], error: Sequence[float], target: fl
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(title or "Rejection curve")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_calibration(confidence: Sequence[float], accuracy: Sequence[float], counts: Sequence[int],
@@ -157,4 +143,4 @@ def plot_calibration(confidence: Sequence[float], accuracy: Sequence[float], cou
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "Calibration")
-    return _png(fig)
+    return figure_png(fig)
