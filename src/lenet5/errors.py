@@ -19,3 +19,12 @@ class ConfigError(Lenet5Error):
 
 class CheckpointError(Lenet5Error):
     """A checkpoint or run folder that cannot be read or resumed."""
+
+
+class FileWriteError(Lenet5Error, OSError):
+    """A file could not be written: a full disk, no permission, a read-only file system.
+
+    Also an OSError (with its errno), so code that tolerates failed writes can still catch those."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
