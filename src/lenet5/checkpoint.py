@@ -78,9 +78,11 @@ def save_checkpoint(path: str | Path, model: DigitClassifier, *, config: dict[st
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """Accept a .safetensors file, its .json sidecar, or a run folder (its best checkpoint)."""
+    from lenet5.run_folder import RunFolder  # the run folder's layout is RunFolder's to know
+
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.safetensors", path / "best.safetensors"):
+        for candidate in (RunFolder(path).best_weights, path / "best.safetensors"):
             if candidate.is_file():
                 return candidate
         raise CheckpointError(f"{path}: a folder with no checkpoints/best.safetensors in it")

@@ -20,11 +20,12 @@ from tqdm import tqdm
 import lenet5
 from lenet5 import distributed
 from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
-from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
+from lenet5.errors import ConfigError, Lenet5Error
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
+from lenet5.run_folder import RunFolder
 from lenet5.train import Callback, TrainConfig, fit, resume
 from lenet5.train.config import RECIPES
 
@@ -150,9 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.recipe or set(given) - {"epochs"}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs may be given with it")
-        if not (args.resume / "config.json").is_file():
-            raise CheckpointError(f"{args.resume}: not a run folder (no config.json)")
-        device = TrainConfig.from_json(args.resume / "config.json").device
+        device = TrainConfig.from_json(RunFolder(args.resume).require().config).device
     else:
         base = dict(RECIPES[args.recipe].options) if args.recipe else {}
         if args.config:
@@ -170,8 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
             run_dir = args.out_dir / name
-            if (run_dir / "config.json").exists():
-                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+            RunFolder(run_dir).claim()  # before loading the data; fit checks again
             result = fit(config, _load_data_ranked(args, world), run_dir, callbacks=progress)
     finally:
         distributed.shutdown()
@@ -190,8 +188,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --epochs must be positive")
     mode = "distortions" if args.distortions else "plain"
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
-    if not args.resume and (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+    if args.resume:
+        RunFolder(run_dir).require()
+    else:
+        RunFolder(run_dir).claim()  # before loading the data; fit checks again
     command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
     result, report = reproduce_lecun1998(
         load_data(args), run_dir, distortions=args.distortions, batch_size=args.batch_size, epochs=args.epochs,
