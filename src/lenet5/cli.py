@@ -206,6 +206,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.test_samples < 0:
         raise ConfigError("--batch-size must be positive and --test-samples not negative")
+    if args.report:
+        from lenet5.analysis import report_folder
+
+        report_folder(args.report)  # refused before the evaluation, not after it
     mnist = load_data(args)
     result = evaluate_checkpoint(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
@@ -483,15 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, Lenet5Error) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ConfigError as e:
-        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+        print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except Lenet5Error as e:
-        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+    except (Lenet5Error, OSError) as e:  # OSError: a file or device failed us (a full disk, say)
+        print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = " (continue with `lenet5 train --resume RUN_DIR`)" if args.command == "train" else ""
