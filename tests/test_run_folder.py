@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +162,31 @@ def test_the_overwrite_guard_is_in_the_library(mnist, reference, tmp_path):
         fit(TrainConfig(**OPTIONS), mnist, reference)
     with pytest.raises(CheckpointError, match="not a run folder"):
         resume(tmp_path, mnist)
+
+
+def test_files_get_the_users_umask_mode(reference):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in reference.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_damaged_commit_records_are_named(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    folder = RunFolder(run_dir)
+    # A commit record from before it held the weights: they come from last.safetensors of the same epoch.
+    state = torch.load(folder.state, weights_only=True)
+    weights = state.pop("model")
+    torch.save(state, folder.state)
+    for key, value in folder.load_commit()["model"].items():
+        assert torch.equal(value, weights[key]), key
+    folder.state.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"last.state.pt: unreadable training state"):
+        folder.load_commit()
+    folder.state.unlink()
+    with pytest.raises(CheckpointError, match=r"last.state.pt: missing, so the run cannot be resumed"):
+        folder.load_commit()
+    assert folder.holds_run()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        folder.claim()
