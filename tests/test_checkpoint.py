@@ -105,7 +105,8 @@ def test_model_args_cannot_make_loading_allocate(tmp_path):
 def test_wrong_tensor_shapes_and_dtypes_are_named(tmp_path):
     tensors = dict(STATES["lenet5"])
     tensors["features.0.weight"] = torch.zeros(6, 1, 3, 3)
-    with pytest.raises(CheckpointError, match=r"features.0.weight is \[6, 1, 3, 3\] F32, the model's is \[6, 1, 5, 5\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"features.0.weight is \[6, 1, 3, 3\] F32, the model's is \[6, 1, 5, 5\]"):
         load_checkpoint(write(tmp_path / "shape.safetensors", tensors, valid_meta()))
     tensors = {k: v.double() for k, v in STATES["lenet5"].items()}
     with pytest.raises(CheckpointError, match=r"is \[6, 1, 5, 5\] F64, the model's is \[6, 1, 5, 5\] F32"):

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import lenet5
-from lenet5.errors import CheckpointError
+from lenet5.errors import CheckpointError, one_line
 from lenet5.fileio import atomic_write_bytes
 from lenet5.models import DigitClassifier, create_model, list_models, model_class
 
@@ -93,11 +93,6 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def read_header(path: Path) -> dict[str, Any]:
     """The safetensors header (tensor table and metadata), read within MAX_HEADER_BYTES."""
     unreadable = f"{path}: not a readable safetensors checkpoint"
@@ -112,7 +107,7 @@ def read_header(path: Path) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{unreadable} (header: {_one_line(e)})") from None
+        raise CheckpointError(f"{unreadable} (header: {one_line(e)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{unreadable} (its header is not a JSON object)")
     return header
@@ -187,7 +182,7 @@ def _check_tensors(path: Path, header: dict[str, Any], name: str, args: dict[str
         with torch.device("meta"):
             blueprint = create_model(name, **args).state_dict()
     except Exception as e:  # any constructor's refusal of its arguments
-        raise CheckpointError(f"{path}: model {name!r} cannot be built from model_args: {_one_line(e)}") from None
+        raise CheckpointError(f"{path}: model {name!r} cannot be built from model_args: {one_line(e)}") from None
     table = {k: v for k, v in header.items() if k != "__metadata__"}
     missing, unexpected = sorted(set(blueprint) - set(table)), sorted(set(table) - set(blueprint))
     if missing or unexpected:
@@ -212,7 +207,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         meta = json.loads(metadata[METADATA_KEY])
     except (ValueError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: damaged lenet5 metadata ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: damaged lenet5 metadata ({one_line(e)})") from None
     meta = check_metadata(path, meta)
     name, args = meta["model"], meta.get("model_args", {})
     _check_tensors(path, header, name, args)
@@ -220,10 +215,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({one_line(e)})") from None
     try:
         model = create_model(name, **args)
         model.load_state_dict(tensors)
     except Exception as e:  # cannot happen after the checks above; still one line if it does
-        raise CheckpointError(f"{path}: weights do not fit model {name!r}: {_one_line(e)}") from None
+        raise CheckpointError(f"{path}: weights do not fit model {name!r}: {one_line(e)}") from None
     return Checkpoint(model=model.to(device).eval(), meta=meta, path=path)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import lenet5
 from lenet5 import distributed
 from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
-from lenet5.errors import ConfigError, Lenet5Error
+from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
@@ -491,7 +491,7 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and not isinstance(error, Lenet5Error) and error.strerror:
         where = f"{error.filename}: " if error.filename else ""
         return f"{where}{error.strerror}"
-    return " ".join(str(error).split()) or type(error).__name__
+    return one_line(error, limit=1000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,12 @@
 """Errors a user can act on. The CLI prints their message on one line and exits non-zero."""
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """A foreign exception's message (a library's, often several lines) as one short line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Lenet5Error(Exception):
     """Base class: the message names the file or option and what is wrong with it."""
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from lenet5.checkpoint import METADATA_KEY, checkpoint_files, load_checkpoint, read_header
-from lenet5.errors import CheckpointError, ConfigError
+from lenet5.errors import CheckpointError, ConfigError, one_line
 from lenet5.fileio import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, create_temp
 from lenet5.models import DigitClassifier
 from lenet5.plots import plot_curves
@@ -122,7 +122,7 @@ class RunFolder:
         try:
             state = torch.load(self.state, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch errors all mean the same thing to the user
-            raise CheckpointError(f"{self.state}: unreadable training state ({' '.join(str(e).split())[:200]})") from None
+            raise CheckpointError(f"{self.state}: unreadable training state ({one_line(e)})") from None
         history = state.get("history") if isinstance(state, dict) else None
         if not isinstance(history, list) or state.get("epoch") != len(history) or not history:
             raise CheckpointError(f"{self.state}: damaged training state (its epoch and history disagree)")

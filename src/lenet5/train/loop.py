@@ -31,7 +31,7 @@ from lenet5.data import MNIST, Split
 from lenet5.data.distort import random_affine
 from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
-from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
+from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
 from lenet5.models import DigitClassifier, count_parameters, create_model
 from lenet5.run_folder import RunFolder, best_record
@@ -241,7 +241,7 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
                 restore_rng(state, world.rank)
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
                 raise CheckpointError(f"{folder.state}: does not fit this run's config.json "
-                                      f"({' '.join(str(e).split())[:200]})") from None
+                                      f"({one_line(e)})") from None
             history = list(state["history"])
         if world.is_main:
             folder.clean()
