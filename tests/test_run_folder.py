@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import lenet5
-from lenet5.checkpoint import load_checkpoint
+from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.errors import CheckpointError, ConfigError
 from lenet5.run_folder import TEST_CRASH_ENV, RunFolder, best_record
 from lenet5.train import TrainConfig, fit, resume
@@ -191,3 +191,26 @@ def test_damaged_commit_records_are_named(reference, tmp_path):
     assert folder.holds_run()
     with pytest.raises(ConfigError, match="already holds a run"):
         folder.claim()
+
+
+def test_resume_keeps_an_older_best_and_names_one_changed_by_hand(mnist, reference, tmp_path):
+    """When the best epoch is not the last, resume checks that best.safetensors is that epoch's."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    folder = RunFolder(run_dir)
+    state = torch.load(folder.state, weights_only=True)
+    state["history"][2]["test_acc"] = 0.0  # epoch 2 becomes the best; its weights are not in the record
+    torch.save(state, folder.state)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(CheckpointError, match=r"best.safetensors: is from epoch 3, but the history's best is "
+                                                  r"epoch 2 \(the folder was changed outside lenet5\)"):
+            resume(run_dir, mnist)
+        best = load_checkpoint(folder.best_weights)
+        save_checkpoint(folder.checkpoints / "best", best.model, config=best.meta["config"], epoch=2,
+                        metrics=best.meta["metrics"])
+        result = resume(run_dir, mnist)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.metrics["best_epoch"] == 2 == json.loads(folder.metrics.read_text())["best_epoch"]
+    assert load_checkpoint(folder.best_weights).meta["epoch"] == 2
