@@ -214,3 +214,18 @@ def test_resume_keeps_an_older_best_and_names_one_changed_by_hand(mnist, referen
         torch.set_num_threads(threads)
     assert result.metrics["best_epoch"] == 2 == json.loads(folder.metrics.read_text())["best_epoch"]
     assert load_checkpoint(folder.best_weights).meta["epoch"] == 2
+
+
+def test_a_run_that_reached_stop_at_stays_finished_on_resume(mnist, reference, tmp_path):
+    """Killed after the epoch that reached --stop-at was committed, a run resumes to nothing more."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    history = json.loads((run_dir / "history.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "epochs": 5, "stop_at": history[-1]["test_acc"]}))
+    threads = torch.get_num_threads()
+    try:
+        result = resume(run_dir, mnist)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(result.history) == 3 and result.metrics["epochs"] == 3
