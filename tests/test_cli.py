@@ -145,3 +145,103 @@ def test_data_command_downloads_from_a_mirror_and_verifies(mnist_dir, tmp_path, 
                            "--retries", "0")
     assert code == 1 and "checksum mismatch" in err and len(err.strip().splitlines()) == 1
     assert not any((tmp_path / "empty").iterdir())
+
+
+# ---------------------------------------------------------------- one line, never a traceback
+def one_line(err: str) -> bool:
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from lenet5.checkpoint import save_checkpoint
+    from lenet5.models import create_model
+
+    return save_checkpoint(tmp_path / "ckpt", create_model("lenet5"), epoch=1)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--momentum=-inf"], "--momentum must be a finite number"),
+    (["--config", "{config}"], "--device must be a string, got 5"),
+])
+def test_impossible_numbers_and_config_files_are_refused_before_the_run_folder(data_env, tmp_path, capsys,
+                                                                              options, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"device": 5}))
+    options = [o.replace("{config}", str(bad)) for o in options]
+    code, _, err = run(capsys, "train", *options, "--out-dir", str(tmp_path / "runs"), "--name", "r")
+    assert code == 2 and message in err and one_line(err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_file_with_a_fractional_batch_is_refused(data_env, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"batch_size": 32.5}))
+    code, _, err = run(capsys, "train", "--config", str(bad), "--out-dir", str(tmp_path / "runs"))
+    assert code == 2 and "--batch-size must be an integer, got 32.5" in err and one_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_damaged_checkpoint_metadata_is_one_line(data_env, tmp_path, capsys):
+    from safetensors.torch import save as safetensors_bytes
+
+    from lenet5.checkpoint import FORMAT
+    from lenet5.models import create_model
+
+    bad = tmp_path / "bad.safetensors"
+    meta = {"format": FORMAT, "model": "lenet5", "model_args": {"num_classes": "ten"}, "epoch": "one"}
+    bad.write_bytes(safetensors_bytes(create_model("lenet5").state_dict(), metadata={"lenet5": json.dumps(meta)}))
+    for command in (["evaluate", str(bad)], ["export", str(bad), "--no-check", "--out", str(tmp_path / "m.onnx")],
+                    ["explain", str(bad), "--test-index", "0"]):
+        code, _, err = run(capsys, *command)
+        assert code == 1 and "damaged lenet5 metadata: model argument 'num_classes' must be an integer" in err
+        assert one_line(err), err
+
+
+def test_outputs_onto_folders_and_files_are_one_line(data_env, tmp_path, capsys, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(folder))
+    assert code == 1 and f"{folder}: is a folder" in err and one_line(err), err
+    code, _, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--out", str(folder))
+    assert code == 1 and f"{folder}: cannot write: is a folder, not a file" in err and one_line(err), err
+    code, _, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--max-maps", "0")
+    assert code == 2 and "--max-maps must be at least 1, got 0" in err and one_line(err), err
+    report = tmp_path / "report.md"
+    report.write_text("mine")
+    code, _, err = run(capsys, "evaluate", str(checkpoint), "--report", str(report))
+    assert code == 2 and f"{report}: is a file; the report needs a folder" in err and one_line(err), err
+    assert report.read_text() == "mine"
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EDQUOT", "EROFS", "EACCES"])
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(data_env, tmp_path, capsys, monkeypatch,
+                                                                         errno_name):
+    """The disk fills up (or turns read-only, or forbidden) when the first epoch is committed:
+    exit 1 naming the file; the folder holds no committed epoch, so --resume trains it from the
+    start once the disk is fixed. (Tests run as root, so the failure is simulated.)"""
+    import errno
+
+    code_of = getattr(errno, errno_name)
+    replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst).endswith("last.state.pt"):
+            raise OSError(code_of, os.strerror(code_of))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    options = ["--model", "lenet5", "--batch-size", "100", "--train-samples", "500", "--test-samples", "200",
+               "--epochs", "1", "--quiet", "--out-dir", str(tmp_path), "--name", "r"]
+    code, _, err = run(capsys, "train", *options)
+    run_dir = tmp_path / "r"
+    assert code == 1 and one_line(err), err
+    assert f"{run_dir / 'checkpoints' / 'last.state.pt'}: cannot write: {os.strerror(code_of)}" in err
+    assert not list(run_dir.rglob("*.tmp"))
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--quiet")
+    assert code == 0, err
+    assert "after 1 epochs" in out and json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1

@@ -44,6 +44,32 @@ def test_impossible_options_are_named(options, message):
         TrainConfig(**options)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"device": 5}, "--device must be a string, got 5"),
+    ({"batch_size": 32.5}, "--batch-size must be an integer, got 32.5"),
+    ({"epochs": True}, "--epochs must be an integer, got True"),
+    ({"distort": "yes"}, "--distort must be true or false, got 'yes'"),
+    ({"lr": "0.1"}, "--lr must be a number, got '0.1'"),
+    ({"model": None}, "--model must be a string, got None"),
+    ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
+    ({"momentum": float("-inf")}, "--momentum must be a finite number"),
+    ({"stop_at": float("nan")}, "--stop-at must be a finite number"),
+    ({"seed": 2**40}, "--seed must be below 2\\*\\*32"),
+    ({"epochs": 10**30}, "--epochs is out of range"),
+])
+def test_every_field_is_type_checked_and_floats_are_finite(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_whole_numbers_are_accepted_for_floats(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"lr": 1, "momentum": 0, "optimizer": "sgd"}))
+    config = TrainConfig.from_json(path)
+    assert config.lr == 1.0 and isinstance(config.lr, float) and isinstance(config.momentum, float)
+
+
 def test_unknown_and_malformed_config_files(tmp_path):
     with pytest.raises(ConfigError, match="unknown training option.*: colour"):
         TrainConfig.from_dict({"colour": "red"})

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -105,3 +108,52 @@ def copy_mnist(src, dst):
     for f in src.glob("*.gz"):
         shutil.copy(f, dst / f.name)
     return dst
+
+
+def idx_header(magic: int, *shape: int) -> bytes:
+    return struct.pack(f">I{len(shape)}I", magic, *shape)
+
+
+@pytest.mark.parametrize("shape", [(2**31, 2**31, 28), (2**31, 28, 28), (2**32 - 1,) * 3])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_header_declaring_absurd_sizes_is_refused_before_any_allocation(tmp_path, shape, compressed):
+    content = idx_header(0x00000803, *shape) + bytes(100)
+    bad = tmp_path / ("train-images-idx3-ubyte" + (".gz" if compressed else ""))
+    bad.write_bytes(gzip.compress(content) if compressed else content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"its header declares .* bytes of images, more than the 268,435,456"):
+            read_images(bad)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_gzip_bomb_named_like_mnist_is_not_inflated(tmp_path):
+    """A valid header for 10,000 images, then 1 GiB of zeros (64 gzip members of 16 MiB each):
+    the reader stops one byte past the declared 7,840,016 bytes."""
+    zeros = gzip.compress(bytes(16 << 20), compresslevel=9)
+    bomb = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(idx_header(0x00000803, 10_000, 28, 28)) + zeros * 64)
+    assert bomb.stat().st_size < 2 << 20
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match=r"more data after the 7840016 bytes its header declares"):
+            read_images(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak:,} bytes allocated"  # a few times the declared size, not 1 GiB
+    assert time.perf_counter() - started < 5
+
+
+def test_a_raw_file_with_a_huge_tail_is_refused_without_reading_it(tmp_path):
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    with bad.open("wb") as f:
+        f.write(idx_header(0x00000801, 10))
+        f.write(bytes(10))
+        f.truncate(18 + (1 << 30))  # a sparse GiB of trailing data
+    with pytest.raises(DataError, match=r"1073741824 unexpected bytes after the 18 of the data"):
+        read_labels(bad)

@@ -11,6 +11,7 @@ import torch
 
 from lenet5.checkpoint import Checkpoint
 from lenet5.data import MNIST
+from lenet5.errors import ConfigError
 from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.plots import plot_calibration, plot_confusion, plot_digit_gallery, plot_rejection
 from lenet5.predict import class_probabilities
@@ -62,9 +63,17 @@ def calibration(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15)
     return {"confidence": conf, "accuracy": acc, "counts": counts, "ece": ece}
 
 
+def report_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a folder a report can be written into (ConfigError if it is a file)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; the report needs a folder (it writes several files)")
+    return out
+
+
 def write_report(checkpoint: Checkpoint, mnist: MNIST, out_dir: str | Path, *, gallery_cap: int = 300) -> dict[str, Any]:
     """Write the analysis of `checkpoint` on the test set into `out_dir`; returns its figures."""
-    out = Path(out_dir)
+    out = report_folder(out_dir)
     model, test = checkpoint.model, mnist.test
     probs = class_probabilities(model, test.images)
     confidence, predicted = probs.max(1)

@@ -20,12 +20,13 @@ from tqdm import tqdm
 import lenet5
 from lenet5 import distributed
 from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
-from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
+from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.hardware import hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
+from lenet5.run_folder import RunFolder
 from lenet5.runtime import resolve_device
 from lenet5.train import Callback, TrainConfig, fit, resume
 from lenet5.train.config import RECIPES
@@ -156,9 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.recipe or set(given) - {"epochs"}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs may be given with it")
-        if not (args.resume / "config.json").is_file():
-            raise CheckpointError(f"{args.resume}: not a run folder (no config.json)")
-        device = TrainConfig.from_json(args.resume / "config.json").device
+        device = TrainConfig.from_json(RunFolder(args.resume).require().config).device
     else:
         base = {}
         if args.recipe:
@@ -181,8 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
             run_dir = args.out_dir / name
-            if (run_dir / "config.json").exists():
-                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+            RunFolder(run_dir).claim()  # before loading the data; fit checks again
             result = fit(config, _load_data_ranked(args, world), run_dir, callbacks=progress)
     finally:
         distributed.shutdown()
@@ -201,8 +199,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --epochs must be positive")
     mode = "distortions" if args.distortions else "plain"
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
-    if not args.resume and (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --name")
+    if args.resume:
+        RunFolder(run_dir).require()
+    else:
+        RunFolder(run_dir).claim()  # before loading the data; fit checks again
     command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
     result, report = reproduce_lecun1998(
         load_data(args), run_dir, distortions=args.distortions, batch_size=args.batch_size, epochs=args.epochs,
@@ -217,6 +217,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.test_samples < 0:
         raise ConfigError("--batch-size must be positive and --test-samples not negative")
+    if args.report:
+        from lenet5.analysis import report_folder
+
+        report_folder(args.report)  # refused before the evaluation, not after it
     mnist = load_data(args)
     result = evaluate_checkpoint(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
@@ -494,15 +498,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, Lenet5Error) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return one_line(error, limit=1000)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except ConfigError as e:
-        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+        print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except Lenet5Error as e:
-        print(f"lenet5 {args.command}: error: {e}", file=sys.stderr)
+    except (Lenet5Error, OSError) as e:  # OSError: a file or device failed us (a full disk, say)
+        print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = " (continue with `lenet5 train --resume RUN_DIR`)" if args.command == "train" else ""

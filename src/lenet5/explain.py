@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lenet5.data.transforms import to_model_input
+from lenet5.errors import ConfigError
 from lenet5.models import DigitClassifier
 from lenet5.plots import figure_png
 from lenet5.preprocess import prepare_file
@@ -43,6 +44,8 @@ def explain_file(model: DigitClassifier, image: str | Path | bytes) -> Explanati
 
 def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 16) -> bytes:
     """One figure: the input, each layer's maps (one row per layer), and the class probabilities."""
+    if max_maps < 1:
+        raise ConfigError(f"--max-maps must be at least 1, got {max_maps}")
     from matplotlib.figure import Figure
 
     layers = [(k, v) for k, v in explanation.maps.items() if k not in ("input", "output")]

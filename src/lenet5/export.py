@@ -159,6 +159,8 @@ def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, mnist: 
     from lenet5.evaluate import evaluate
 
     out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; the export needs a file name (e.g. {out / 'model.onnx'})")
     export(checkpoint, out, fmt)
     result: dict[str, Any] = {"path": str(out), "format": fmt, "bytes": out.stat().st_size}
     accuracy = None

@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import os
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from lenet5.errors import DownloadError
+from lenet5.fileio import create_temp
 
 # progress(file_name, bytes_done, bytes_total)
 Progress = Callable[[str, int, int], None]
@@ -78,9 +78,8 @@ def download_file(name: str, size: int, sha256: str, dest_dir: Path, mirrors: Se
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name
         for attempt in range(retries + 1):
-            fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".tmp")
+            fd, tmp = create_temp(final)  # mode 0666 less the umask, as the final file should have
             os.close(fd)
-            tmp = Path(tmp_name)
             try:
                 _fetch_once(url, tmp, name, size, sha256, timeout, progress)
                 os.replace(tmp, final)

@@ -4,11 +4,18 @@ An IDX file is a big-endian header -- two zero bytes, a type byte (0x08 = unsign
 number of dimensions -- then one 32-bit size per dimension, then the data. MNIST images have
 magic 0x00000803 (N, 28, 28) and labels 0x00000801 (N). Everything here is validated so that
 a bad file gives one line naming it and the problem instead of garbage tensors.
+
+Reading is bounded: the header comes first, a declared size over MAX_DATA_BYTES is refused
+before any data is read, and a gzip stream is decompressed only up to the declared size (plus
+one byte, to notice trailing data), so neither a hostile header nor a gzip bomb can make the
+reader allocate more than the file honestly needs.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -22,6 +29,10 @@ LABELS_MAGIC = 0x00000801
 UBYTE = 0x08
 KIND_OF_MAGIC = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}
 GZIP_SIGNATURE = b"\x1f\x8b"
+MNIST_TRAIN_IMAGE_BYTES = 60_000 * 28 * 28
+# The most data one file may declare: MNIST's largest (47 MB) with room to spare, and a bound on
+# what a hostile header or a gzip bomb named like an MNIST file can make this reader allocate.
+MAX_DATA_BYTES = 256 * 1024 * 1024
 
 
 def _looks_like_html(data: bytes) -> bool:
@@ -29,37 +40,13 @@ def _looks_like_html(data: bytes) -> bool:
     return head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body"))
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it is a gzip stream (whatever its name says)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not data:
-        raise DataError(f"{path.name}: empty file")
-    if _looks_like_html(data):
-        raise DataError(f"{path.name}: is an HTML page, not MNIST data (a failed download saved as data?)")
-    if data[:2] == GZIP_SIGNATURE:
-        try:
-            data = gzip.decompress(data)
-        except EOFError:
-            raise DataError(f"{path.name}: truncated gzip stream (the download was cut short?)") from None
-        except (gzip.BadGzipFile, zlib.error, OSError) as e:
-            raise DataError(f"{path.name}: corrupt gzip data: {e}") from None
-    elif path.suffix == ".gz" and data[:2] != b"\x00\x00":
-        raise DataError(f"{path.name}: not a gzip file and not an IDX file")
-    return data
-
-
-def parse_idx(data: bytes, name: str, expected_magic: int) -> np.ndarray:
-    """Decode IDX bytes into a uint8 array, checking the magic number and the exact length."""
+def _declared_size(header: bytes, name: str, expected_magic: int) -> tuple[int, tuple[int, ...]]:
+    """The header's (header bytes, shape), checked, from its first 4 + 4 * ndim bytes."""
     want = KIND_OF_MAGIC[expected_magic]
-    if len(data) < 4:
-        raise DataError(f"{name}: truncated: expected an IDX header, got {len(data)} bytes")
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    magic = struct.unpack(">I", data[:4])[0]
+    if len(header) < 4:
+        raise DataError(f"{name}: truncated: expected an IDX header, got {len(header)} bytes")
+    zero, dtype, ndim = struct.unpack(">HBB", header[:4])
+    magic = struct.unpack(">I", header[:4])[0]
     if zero != 0 or dtype != UBYTE:
         raise DataError(f"{name}: not an IDX file of unsigned bytes (magic 0x{magic:08x})")
     if magic != expected_magic:
@@ -67,22 +54,91 @@ def parse_idx(data: bytes, name: str, expected_magic: int) -> np.ndarray:
         raise DataError(
             f"{name}: holds {got} (magic 0x{magic:08x}), expected {want} (magic 0x{expected_magic:08x})"
         )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{name}: truncated: expected a {header}-byte header, got {len(data)} bytes")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) < expected:
-        raise DataError(f"{name}: truncated: expected {expected} bytes, got {len(data)}")
-    if len(data) > expected:
-        raise DataError(f"{name}: {len(data) - expected} unexpected bytes after the {expected} of the data")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+    size = 4 + 4 * ndim
+    if len(header) < size:
+        raise DataError(f"{name}: truncated: expected a {size}-byte header, got {len(header)} bytes")
+    shape = struct.unpack(f">{ndim}I", header[4:size])
+    declared = math.prod(shape)  # Python ints: no overflow, whatever the header claims
+    if declared > MAX_DATA_BYTES:
+        raise DataError(f"{name}: its header declares {' x '.join(map(str, shape))} = {declared:,} bytes of {want}, "
+                        f"more than the {MAX_DATA_BYTES:,} this reader accepts (MNIST's largest file holds "
+                        f"{MNIST_TRAIN_IMAGE_BYTES:,})")
+    return size, shape
+
+
+class _Source:
+    """The bytes of an IDX file, gunzipped on the fly when it is a gzip stream (whatever its name
+    says): `read(n)` never decompresses or allocates more than the n bytes asked for."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.raw = open(path, "rb")
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        head = self._guard(lambda: self.raw.read(512))
+        self.raw.seek(0)
+        if not head:
+            self.close()
+            raise DataError(f"{path.name}: empty file")
+        if _looks_like_html(head):
+            self.close()
+            raise DataError(f"{path.name}: is an HTML page, not MNIST data (a failed download saved as data?)")
+        self.gzipped = head[:2] == GZIP_SIGNATURE
+        if not self.gzipped and path.suffix == ".gz" and head[:2] != b"\x00\x00":
+            self.close()
+            raise DataError(f"{path.name}: not a gzip file and not an IDX file")
+        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzipped else self.raw
+        self.size = None if self.gzipped else os.fstat(self.raw.fileno()).st_size
+
+    def _guard(self, read):
+        try:
+            return read()
+        except EOFError:
+            raise DataError(f"{self.path.name}: truncated gzip stream (the download was cut short?)") from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            raise DataError(f"{self.path.name}: corrupt gzip data: {e}") from None
+        except OSError as e:
+            raise DataError(f"{self.path.name}: cannot read: {e.strerror or e}") from None
+
+    def read(self, n: int) -> bytes:
+        return self._guard(lambda: self.stream.read(n))
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """Decode an IDX file (gzipped or raw) into a uint8 array, checking the magic number and the exact
+    length. The header is read first: a size it declares beyond MAX_DATA_BYTES is refused before
+    anything else is read or allocated, and no more than the declared size is ever decompressed."""
+    path = Path(path)
+    source = _Source(path)
+    try:
+        header = source.read(4)
+        if len(header) == 4:
+            header += source.read(4 * header[3])
+        size, shape = _declared_size(header, path.name, expected_magic)
+        declared = math.prod(shape)
+        expected = size + declared
+        if source.size is not None and source.size > expected:
+            raise DataError(f"{path.name}: {source.size - expected} unexpected bytes after the {expected} of the data")
+        data = source.read(declared + 1)  # one more: data past the declared size is an error
+    finally:
+        source.close()
+    if len(data) < declared:
+        raise DataError(f"{path.name}: truncated: expected {expected} bytes, got {size + len(data)}")
+    if len(data) > declared:
+        raise DataError(f"{path.name}: more data after the {expected} bytes its header declares")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
 
 
 def read_images(path: str | Path) -> np.ndarray:
     """MNIST images as a uint8 array of shape (N, 28, 28)."""
     path = Path(path)
-    images = parse_idx(read_bytes(path), path.name, IMAGES_MAGIC)
+    images = read_idx(path, IMAGES_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{path.name}: images are {'x'.join(map(str, images.shape[1:]))}, expected 28x28")
     return images
@@ -91,7 +147,7 @@ def read_images(path: str | Path) -> np.ndarray:
 def read_labels(path: str | Path) -> np.ndarray:
     """MNIST labels as a uint8 array of shape (N,), each in 0..9."""
     path = Path(path)
-    labels = parse_idx(read_bytes(path), path.name, LABELS_MAGIC)
+    labels = read_idx(path, LABELS_MAGIC)
     if labels.ndim != 1:
         raise DataError(f"{path.name}: labels have {labels.ndim} dimensions, expected 1")
     if labels.size and labels.max() > 9:

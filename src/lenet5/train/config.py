@@ -8,7 +8,10 @@ The defaults are the blog post's run (Keras LeNet, RMSprop with Keras' defaults,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,9 @@ OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "sdlm")
 SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "sdlm": 5e-4}
+MAX_INT = 2**62  # far past any sensible setting, and safe in the int64 arithmetic of seeds and counts
+MAX_SEED = 2**32  # the shuffle's generator is seeded with seed * 1_000_003 + epoch, which must fit int64
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
@@ -75,8 +81,28 @@ class TrainConfig:
             self.lr = DEFAULT_LR[self.optimizer]
         self.validate()
 
+    def _check_types(self) -> None:
+        """Every field has its annotated type (a config.json can hold anything); ints pass for floats
+        and become floats, and floats must be finite."""
+        for f in dataclasses.fields(self):
+            hint = _field_hints()[f.name]
+            kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+            kind, value, flag = kinds[0], getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if value is None and len(kinds) < len(typing.get_args(hint)):
+                continue  # Optional, and left unset
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"{flag} must be {TYPE_NAMES[kind]}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
+            if kind is int and abs(value) >= MAX_INT:
+                raise ConfigError(f"{flag} is out of range: {value}")
+
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible option."""
+        self._check_types()
         if self.model not in list_models():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
         if self.optimizer not in OPTIMIZERS:
@@ -95,6 +121,8 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+        if self.seed >= MAX_SEED:
+            raise ConfigError(f"--seed must be below 2**32, got {self.seed}")
         if not 0 <= self.rho < 1:
             raise ConfigError(f"--rho must be in [0, 1), got {self.rho}")
         if not 0 < self.gamma <= 1:
@@ -141,6 +169,11 @@ class TrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of training options")
         return cls.from_dict(values)
+
+
+@functools.cache
+def _field_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -30,22 +28,20 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lenet5 import distributed
-from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.data import MNIST, Split
 from lenet5.data.distort import random_affine
 from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
-from lenet5.errors import CheckpointError, ConfigError, Lenet5Error
+from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
-from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.models import DigitClassifier, count_parameters, create_model
-from lenet5.plots import plot_curves
 from lenet5.hardware import choose_precision, usable_cores
+from lenet5.run_folder import RunFolder, best_record
 from lenet5.runtime import environment, flush_denormals, resolve_device, tune_allocator
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
-from lenet5.train.state import load_train_state, restore_rng, save_train_state
+from lenet5.train.state import capture_train_state, restore_rng
 from lenet5.train.threads import ThreadGovernor
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds",
@@ -191,20 +187,9 @@ def warm_up(model: DigitClassifier, forward: Callable[[torch.Tensor], torch.Tens
     model.zero_grad(set_to_none=True)
 
 
-def _write_history(run_dir: Path, history: list[dict[str, Any]], title: str) -> None:
-    atomic_write_json(run_dir / "history.json", history)
-    text = io.StringIO()
-    # the union of the records' fields: a run resumed by a newer lenet5 may have gained some
-    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in history for k in r)), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(run_dir / "history.csv", text.getvalue())
-    atomic_write_bytes(run_dir / "curves.png", plot_curves(history, title))
-
-
 def _summary(config: TrainConfig, model: DigitClassifier, history: list[dict[str, Any]]) -> dict[str, Any]:
     final = history[-1]
-    best = max(history, key=lambda r: r["test_acc"])
+    best = best_record(history)
     return {
         "model": config.model,
         "parameters": count_parameters(model),
@@ -225,13 +210,15 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         resume: bool = False) -> FitResult:
     """Train `config` on `mnist`, writing the run folder after every epoch.
 
-    With ``resume=True`` the run continues from ``run_dir``'s last checkpoint (weights,
-    optimizer, schedule, RNG and history) and ends as an uninterrupted run would.
-    Under torchrun every rank calls this with the same arguments; rank 0 alone writes and
-    calls `callbacks`, and every rank returns the same result.
+    A new run refuses a folder that already holds one (ConfigError). With ``resume=True`` the run
+    continues from ``run_dir``'s last committed epoch (weights, optimizer, schedule, RNG and
+    history; from scratch if none was committed), first rewriting the folder's other files from
+    it, and ends as an uninterrupted run would. Under torchrun every rank calls this with the same
+    arguments; rank 0 alone writes and calls `callbacks`, and every rank returns the same result.
     """
+    config.validate()
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    folder = RunFolder(run_dir)
     world = distributed.init(config.device)
     device = distributed.device_for(world, resolve_device(config.device))
     if not world.is_main:
@@ -266,23 +253,30 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     scheduler = build_schedule(optimizer, config, steps_per_epoch)
     history: list[dict[str, Any]] = []
+    title = f"{config.model}, {config.optimizer}, batch {config.batch_size}"
     if resume:
-        state = load_train_state(ckpt_dir / "last.state.pt")
-        last = load_checkpoint(ckpt_dir / "last.safetensors", device)
-        if last.meta.get("epoch") != state["epoch"]:
-            raise CheckpointError(f"{ckpt_dir}: last.safetensors is from epoch {last.meta.get('epoch')} but "
-                                  f"last.state.pt from epoch {state['epoch']} (interrupted while saving?)")
-        model.load_state_dict(last.model.state_dict())  # copies into the channels_last weights
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state, world.rank)
-        history = list(state["history"])
+        state = folder.require().load_commit()
+        if state is not None:
+            try:
+                model.load_state_dict(state["model"])  # copies into the channels_last weights
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                restore_rng(state, world.rank)
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{folder.state}: does not fit this run's config.json "
+                                      f"({one_line(e)})") from None
+            history = list(state["history"])
+        if world.is_main:
+            folder.clean()
+            if history:  # the files a crash may have left behind the commit record catch up with it
+                folder.publish(model, config=config.to_dict(), history=history,
+                               summary=_summary(config, model, history), title=title, check_best=True)
     else:
+        folder.claim()
         # Every rank has checked that the folder is free before rank 0 starts writing into it.
         distributed.barrier()
         if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "config.json", config.to_dict())
+            folder.begin(config.to_dict())
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -295,22 +289,22 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     if world.distributed:
         env.update(world_size=world.size, backend=distributed.backend())
     if world.is_main:
-        atomic_write_json(run_dir / ("run.json" if not resume else f"run-resumed-{len(history)}.json"), env)
+        folder.write_run_info(env, len(history) if resume else None)
     for cb in callbacks:
         cb.on_train_begin(run_dir, config, env, len(history))
 
     eval_batch = config.eval_batch_size or (EVAL_BATCH if device.type == "cpu" else 10_000)
-    if len(history) < config.epochs:
+    stopped = bool(history and config.stop_at and history[-1]["test_acc"] >= config.stop_at)
+    epochs = len(history) if stopped else config.epochs  # a run that reached --stop-at is finished
+    if len(history) < epochs:
         last = len(train) % config.batch_size
         warm_up(model, forward, train, [config.batch_size] + ([last] if last else []), world, precision.precision)
         if governor is not None:
             idx = torch.arange(config.batch_size, device=device)
             governor.probe(lambda: _shadow_step(model, forward, to_model_input(train.images[idx]), train.labels[idx],
                                                 _autocast(device, precision.precision)))
-    best_acc = max((r["test_acc"] for r in history), default=-1.0)
-    title = f"{config.model}, {config.optimizer}, batch {config.batch_size}"
     augment = random_affine if config.distort else None
-    for epoch in range(len(history), config.epochs):
+    for epoch in range(len(history), epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
         started = time.perf_counter()
@@ -337,16 +331,11 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
         history.append(record)
         rng = distributed.all_gather(torch.get_rng_state()) if world.distributed else None
         if world.is_main:
-            metrics = {k: record[k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
-            # Weights first, state second: resume checks both carry the same epoch.
-            save_checkpoint(ckpt_dir / "last", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
-            save_train_state(ckpt_dir / "last.state.pt", epoch=epoch + 1, optimizer=optimizer,
-                             scheduler=scheduler, history=history, rank_rng=rng)
-            if test_acc > best_acc:
-                save_checkpoint(ckpt_dir / "best", model, config=config.to_dict(), epoch=epoch + 1, metrics=metrics)
-            _write_history(run_dir, history, title)
-            atomic_write_json(run_dir / "metrics.json", _summary(config, model, history))
-        best_acc = max(best_acc, test_acc)
+            # The commit record first (the epoch is kept from here on), then what derives from it.
+            folder.commit(capture_train_state(epoch=epoch + 1, model=model, optimizer=optimizer,
+                                              scheduler=scheduler, history=history, rank_rng=rng))
+            folder.publish(model, config=config.to_dict(), history=history,
+                           summary=_summary(config, model, history), title=title)
         for cb in callbacks:
             cb.on_epoch_end(record)
         if config.stop_at and test_acc >= config.stop_at:
@@ -361,12 +350,10 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
 def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
            callbacks: Sequence[Callback] = ()) -> FitResult:
     """Continue an interrupted run from its folder (optionally for more epochs than planned)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.json)")
-    config = TrainConfig.from_json(run_dir / "config.json")
+    folder = RunFolder(run_dir).require()
+    config = TrainConfig.from_json(folder.config)
     if epochs is not None:
         config.epochs = epochs
         config.validate()
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-    return fit(config, mnist, run_dir, callbacks=callbacks, resume=True)
+        folder.write_config(config.to_dict())
+    return fit(config, mnist, folder.path, callbacks=callbacks, resume=True)

@@ -1,48 +1,36 @@
-"""A run's resumable training state: optimizer, schedule, RNG and history, beside its `last` weights.
+"""A run's resumable training state: weights, optimizer, schedule, RNG and history at an epoch's end.
 
-Saved with torch.save (optimizer state is nested tensors and numbers) and loaded with
+`capture_train_state` gathers it; `RunFolder.commit` writes it as the run's commit record
+(`checkpoints/last.state.pt`, with torch.save) and `RunFolder.load_commit` reads it back with
 ``weights_only=True``, so loading it can never execute code.
 """
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lenet5.errors import CheckpointError
-from lenet5.fileio import atomic_write_bytes
+from lenet5.models import DigitClassifier
 
 
-def save_train_state(path: Path, *, epoch: int, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, history: list[dict],
-                     rank_rng: list[torch.Tensor] | None = None) -> None:
+def capture_train_state(*, epoch: int, model: DigitClassifier, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, history: list[dict],
+                        rank_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """`rank_rng`: under torchrun, every rank's CPU generator state, in rank order."""
     state: dict[str, Any] = {
         "epoch": epoch,
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "history": history,
+        "history": list(history),
         "rng_cpu": torch.get_rng_state(),
     }
     if rank_rng is not None:
         state["rng_cpu_ranks"] = rank_rng
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_train_state(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no training state to resume from (did the first epoch finish?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean the same thing to the user
-        raise CheckpointError(f"{path}: unreadable training state ({e})") from None
+    return state
 
 
 def restore_rng(state: dict[str, Any], rank: int = 0) -> None:
