@@ -8,6 +8,7 @@ import os
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,23 @@ def test_devices_and_fifos_are_refused_without_reading_them(trained, tmp_path, c
     assert code == 1
     assert rows[0]["error"] == "zero: a character device, not an image file"
     assert rows[1]["error"] == "pipe.png: a named pipe (FIFO), not an image file"
+
+
+def test_an_empty_path_is_an_error_not_the_current_folder(trained, capsys):
+    code = main(["predict", str(trained.run_dir), ""])
+    assert code == 2 and 'input 1 is an empty path ("")' in capsys.readouterr().err
+
+
+def test_save_prepared_gives_same_named_inputs_their_own_files(mnist, trained, tmp_path, capsys):
+    paths = []
+    for i, (folder, name) in enumerate([("a", "1.png"), ("b", "1.png"), ("a", "1.jpg")]):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        paths.append(tmp_path / folder / name)
+        big = np.asarray(Image.fromarray(mnist.test.images[i].numpy()).resize((112, 112)))
+        paths[-1].write_bytes(encode(big, "JPEG" if name.endswith("jpg") else "PNG"))
+    out = tmp_path / "prepared"
+    assert main(["predict", str(trained.run_dir), *map(str, paths), "--json", "--save-prepared", str(out)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(r["prepared_file"]).name for r in rows] == ["1.28x28.png", "1-2.28x28.png", "1-3.28x28.png"]
+    saved = [np.asarray(Image.open(r["prepared_file"])) for r in rows]
+    assert len({a.tobytes() for a in saved}) == 3  # three different digits, none overwritten
