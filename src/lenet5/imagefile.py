@@ -34,6 +34,7 @@ FORMAT_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 MAX_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 25_000_000  # decoded pixels: 100 MB at 4 bytes a pixel, Pillow's widest storage
 WORK_SIDE = 1024  # the digit ends up 20x20: a 1024-pixel image keeps even a small digit's strokes
+STRIP_ROWS = 256  # rows converted and shrunk at a time: a few MB, whatever the image
 ORIENTATION = 0x0112  # the EXIF tag phones use instead of rotating the pixels
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -129,18 +130,31 @@ def _shrink_factor(size: tuple[int, int]) -> int:
 
 def _shrink(image: Image.Image) -> tuple[Image.Image, int | None]:
     """`image` in a mode Pillow can average in, shrunk to at most WORK_SIDE by box averaging,
-    and its bit depth when the mode no longer says it."""
+    and its bit depth when the mode no longer says it.
+
+    Done in strips of rows: converting or reducing the whole image at once would make a second
+    full-size copy (reduce premultiplies RGBA into a copy), doubling the memory a decode takes.
+    """
     transparent, bits = "transparency" in image.info, None
     if image.mode == "1":
-        image = image.convert("L")  # 1 byte a pixel either way
+        mode = "L"  # 1 byte a pixel either way
     elif image.mode in ("P", "PA"):
-        image = image.convert("LA" if transparent or image.mode == "PA" else "L")
+        mode = "LA" if transparent or image.mode == "PA" else "L"
     elif image.mode.startswith("I;16"):
-        image, bits = image.convert("I"), 16  # Pillow cannot average 16-bit storage
+        mode, bits = "I", 16  # Pillow cannot average 16-bit storage
     elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
-        image = image.convert("RGBA" if "A" in image.mode or transparent else "RGB")
+        mode = "RGBA" if "A" in image.mode or transparent else "RGB"
+    else:
+        mode = image.mode
     factor = _shrink_factor(image.size)
-    return (image.reduce(factor) if factor > 1 else image.copy()), bits
+    width, height = image.size
+    small = Image.new(mode, (math.ceil(width / factor), math.ceil(height / factor)))
+    rows = factor * max(1, STRIP_ROWS // factor)  # a multiple of the factor: strips average like the whole
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        strip = strip.convert(mode) if strip.mode != mode else strip
+        small.paste(strip.reduce(factor) if factor > 1 else strip, (0, top // factor))
+    return small, bits
 
 
 def _grey(image: Image.Image, bits: int | None, label: str) -> np.ndarray:
