@@ -34,3 +34,14 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_dir):
     return load_mnist(mnist_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def served_run(mnist, tmp_path_factory) -> Path:
+    """A lenet5 run trained briefly (2 passes over 20,000 images), shared by the serving tests."""
+    from lenet5.train import TrainConfig, fit
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    fit(TrainConfig(model="lenet5", optimizer="adam", batch_size=64, epochs=2, train_samples=20_000,
+                    test_samples=1_000), mnist, run)
+    return run

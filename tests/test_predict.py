@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,7 +88,7 @@ def test_a_decompression_bomb_is_refused_before_decoding():
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12_000, 12_000, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
-    with pytest.raises(ImageError, match="144 MP, more than the 50 MP accepted"):
+    with pytest.raises(ImageError, match="144 MP, more than the 25 MP accepted"):
         load_grey(png, "bomb.png")
 
 
@@ -125,3 +128,94 @@ def test_predict_command_reports_each_file(mnist, trained, tmp_path, capsys):
     code = main(["predict", str(trained.run_dir), str(tmp_path), "--csv"])  # a folder: its images only
     out, _ = capsys.readouterr()
     assert out.splitlines()[0] == "file,digit,confidence,top3,error" and "notes.txt" not in out
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 setgray 4 4 moveto 24 24 lineto stroke showpage\n%%EOF\n"
+
+
+def test_only_the_listed_formats_are_decoded(tmp_path):
+    """PostScript named .png is refused, never handed to Ghostscript: Pillow would open it."""
+    assert Image.open(io.BytesIO(EPS)).format == "EPS"  # a real EPS, as far as Pillow can tell
+    with pytest.raises(ImageError, match=r"upload: not an image file this tool can read \(PNG, JPEG"):
+        prepare_file(EPS, "upload")
+    (tmp_path / "digit.png").write_bytes(EPS)
+    with pytest.raises(ImageError, match="digit.png: not an image file"):
+        prepare_file(tmp_path / "digit.png")
+
+
+@pytest.mark.parametrize("kind", ["PNG 16-bit", "TIFF 16-bit", "TIFF float 0-1", "TIFF float 0-255", "TIFF 32-bit"])
+def test_deep_and_float_images_are_scaled_not_clipped(mnist, trained, kind):
+    """MNIST test digits written at 16 bits, 32 bits and as floats are prepared like their 8-bit selves."""
+    from lenet5.predict import predict_files
+
+    digits, labels = mnist.test.images[:5].numpy(), mnist.test.labels[:5].numpy()
+    fmt = kind.split()[0]
+    paths = []
+    for i, digit in enumerate(digits):
+        big = 255 - np.asarray(Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC))  # dark on light
+        deep = {"PNG 16-bit": big.astype(np.uint16) * 257, "TIFF 16-bit": big.astype(np.uint16) * 257,
+                "TIFF float 0-1": big.astype(np.float32) / 255, "TIFF float 0-255": big.astype(np.float32),
+                "TIFF 32-bit": big.astype(np.int32) * 65793}[kind]
+        path = trained.run_dir / f"deep-{kind.replace(' ', '_')}-{i}.{fmt.lower()}"
+        path.write_bytes(encode(deep, fmt))
+        assert np.abs(prepare_file(path).astype(int) - prepare_file(encode(big)).astype(int)).max() <= 2
+        paths.append(path)
+    predictions = predict_files(trained.model, paths)
+    assert [p.error for p in predictions] == [None] * 5
+    assert sum(p.digit == label for p, label in zip(predictions, labels)) >= 4
+
+
+def test_a_large_image_is_shrunk_before_it_is_made_float(mnist):
+    """A 5000x5000 1-bit PNG (a few KB) decodes to at most 1024x1024 and gives the same digit."""
+    from lenet5.imagefile import WORK_SIDE
+
+    digit = mnist.test.images[0].numpy()
+    small = np.asarray(Image.fromarray(digit).resize((500, 500), Image.Resampling.BICUBIC)) > 100
+    big = Image.fromarray(np.kron(small, np.ones((10, 10), bool)))  # mode "1", 5000x5000
+    buffer = io.BytesIO()
+    big.save(buffer, "PNG", optimize=True)
+    grey = load_grey(buffer.getvalue(), "big.png")
+    assert grey.dtype == np.float32 and max(grey.shape) <= WORK_SIDE
+    reference = prepare_file(encode(small.astype(np.uint8) * 255))
+    assert np.abs(prepare_digit(grey).astype(int) - reference.astype(int)).mean() < 3
+
+
+def run_predict(args: list[str], seconds: float = 60) -> int:
+    """main(args) in a thread, so that a read that hangs fails the test instead of stalling it."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(main(args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"lenet5 {' '.join(args)} did not finish within {seconds} s"
+    return result[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
+def test_devices_and_fifos_are_refused_without_reading_them(trained, tmp_path, capsys):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    code = run_predict(["predict", str(trained.run_dir), "/dev/zero", str(fifo), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert rows[0]["error"] == "zero: a character device, not an image file"
+    assert rows[1]["error"] == "pipe.png: a named pipe (FIFO), not an image file"
+
+
+def test_an_empty_path_is_an_error_not_the_current_folder(trained, capsys):
+    code = main(["predict", str(trained.run_dir), ""])
+    assert code == 2 and 'input 1 is an empty path ("")' in capsys.readouterr().err
+
+
+def test_save_prepared_gives_same_named_inputs_their_own_files(mnist, trained, tmp_path, capsys):
+    paths = []
+    for i, (folder, name) in enumerate([("a", "1.png"), ("b", "1.png"), ("a", "1.jpg")]):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        paths.append(tmp_path / folder / name)
+        big = np.asarray(Image.fromarray(mnist.test.images[i].numpy()).resize((112, 112)))
+        paths[-1].write_bytes(encode(big, "JPEG" if name.endswith("jpg") else "PNG"))
+    out = tmp_path / "prepared"
+    assert main(["predict", str(trained.run_dir), *map(str, paths), "--json", "--save-prepared", str(out)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(r["prepared_file"]).name for r in rows] == ["1.28x28.png", "1-2.28x28.png", "1-3.28x28.png"]
+    saved = [np.asarray(Image.open(r["prepared_file"])) for r in rows]
+    assert len({a.tobytes() for a in saved}) == 3  # three different digits, none overwritten

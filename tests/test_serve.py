@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lenet5.train import TrainConfig, fit
 from serving import Server
 
 
@@ -32,11 +31,8 @@ def user_png(digit: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(mnist, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    fit(TrainConfig(model="lenet5", optimizer="adam", batch_size=64, epochs=2, train_samples=20_000,
-                    test_samples=1_000), mnist, run)
-    with Server(run) as running:
+def server(served_run):
+    with Server(served_run) as running:
         yield running
 
 
@@ -88,10 +84,15 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_healthy(serv
     good = user_png(mnist.test.images[0].numpy())
     image, js = {"Content-Type": "image/png"}, {"Content-Type": "application/json"}
     nan_pixels = json.dumps({"pixels": [[float("nan")] * 28] * 28}).encode()  # Python writes NaN tokens
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n4 4 moveto 24 24 lineto stroke showpage\n"
+
+    def pixels(value, rows: int = 28) -> bytes:
+        return json.dumps({"pixels": [[0] * 27 + [value]] * rows}).encode()
     corpus = [
         ("POST", "/v1/predict", good[: len(good) // 2], image, 422, "damaged or truncated"),
         ("POST", "/v1/predict", b"this is not an image at all", image, 422, "not an image file"),
-        ("POST", "/v1/predict", bomb_png(), image, 422, "over the 25,000,000-pixel limit"),
+        ("POST", "/v1/predict", bomb_png(), image, 422, "144 MP, more than the 25 MP accepted"),
+        ("POST", "/v1/predict", eps, image, 422, "not an image file this tool can read"),
         ("POST", "/v1/predict", b"", image, 400, "empty body"),
         ("POST", "/v1/predict", png(np.full((64, 64), 255, np.uint8)), image, 422, "no ink found"),
         ("POST", "/v1/predict", bytes(5 * 1024 * 1024), image, 413, "over the 4,194,304-byte limit"),
@@ -103,6 +104,13 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_healthy(serv
         ("POST", "/v1/predict", json.dumps({"pixels": [["a"] * 28] * 28}).encode(), js, 422, "array of numbers"),
         ("POST", "/v1/predict", nan_pixels, js, 422, "NaN"),
         ("POST", "/v1/predict", json.dumps({"pixels": [[300] * 28] * 28}).encode(), js, 422, "0..255"),
+        ("POST", "/v1/predict", pixels(True), js, 422, "numbers, got a boolean"),
+        ("POST", "/v1/predict", pixels("7"), js, 422, "numbers, got a string"),
+        ("POST", "/v1/predict", pixels(None), js, 422, "numbers, got null"),
+        ("POST", "/v1/predict", pixels(10 ** 400), js, 422, "0..255"),  # numpy would overflow
+        ("POST", "/v1/predict", pixels(0).replace(b"0]", b"1e400]", 1), js, 422, "infinite"),
+        ("POST", "/v1/predict", b"[" * 20_000 + b"]" * 20_000, js, 400, "nested too deeply"),
+        ("POST", "/v1/predict", pixels(0) + b" " * 65_536, js, 413, "JSON body over the 65,536-byte limit"),
         ("POST", "/v1/predict", json.dumps({"pixels": [[0] * 28] * 28, "prepare": "yes"}).encode(), js, 422,
          '"prepare"'),
         ("POST", "/v1/predict?maps=perhaps", good, image, 422, "maps"),
@@ -114,9 +122,10 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_healthy(serv
         got, answer = server.request(method, path, body, headers)
         assert got == status, (path, message, got, answer[:200])
         assert message in json.loads(answer)["error"], (message, answer[:200])
-    assert server.request("GET", "/healthz")[0] == 200
+    assert server.request("HEAD", "/healthz") == (200, b"")
     status, body = server.request("POST", "/v1/predict", good, image)
     assert status == 200 and json.loads(body)["digit"] == int(mnist.test.labels[0])
+    assert "Traceback" not in server.output and "internal error" not in server.output
 
 
 def test_bounded_load_has_no_errors(server, mnist):

@@ -326,9 +326,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - here so that a missing extra is a one-line error
 
         from lenet5.serve import create_app
+        from lenet5.serve.run import check_port, run_server
     except ImportError as e:
         raise ConfigError(f"lenet5 serve needs {e.name}: pip install 'lenet5[serve]'") from None
     import torch
@@ -337,20 +338,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--port must be 1-65535, --max-body-mb positive, --threads not negative, --workers >= 1")
     # One thread per request: a single digit is too small to split, and requests run in parallel.
     torch.set_num_threads(args.threads or 1)
+    check_port(args.host, args.port)  # before "serving on ...": a busy port is one line and exit 1
     max_body = int(args.max_body_mb * 1024 * 1024)
     app = create_app(args.checkpoint, max_body=max_body)  # loads the checkpoint: errors show here, once
     info = app.state.predictor.info()
     print(f"serving {info['name']} ({info['parameters']:,} parameters) on http://{args.host}:{args.port}/ "
           f"with {args.workers} worker process(es) (API docs: /docs)", flush=True)
     if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        run_server(app, host=args.host, port=args.port)
     else:
         from lenet5.serve.app import SETTINGS_ENV
 
         os.environ[SETTINGS_ENV] = json.dumps({"checkpoint": str(args.checkpoint), "max_body": max_body,
                                                "threads": args.threads or 1})
-        uvicorn.run("lenet5.serve.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
-                    port=args.port, log_level="warning", access_log=False)
+        run_server("lenet5.serve.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                   port=args.port)
     return 0
 
 

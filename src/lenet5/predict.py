@@ -11,6 +11,7 @@ import torch
 
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data.transforms import to_model_input
+from lenet5.errors import ConfigError
 from lenet5.fileio import atomic_write_bytes
 from lenet5.models import DigitClassifier
 from lenet5.preprocess import ImageError, prepare_file
@@ -27,16 +28,21 @@ class Prediction:
     top3: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
     prepared: np.ndarray | None = field(default=None, repr=False)  # the 28x28 the model saw
+    prepared_file: str | None = None  # where --save-prepared wrote it
 
     def as_dict(self) -> dict:
-        return {"file": self.file, "digit": self.digit, "confidence": self.confidence,
-                "top3": [{"digit": d, "probability": p} for d, p in self.top3], "error": self.error}
+        row = {"file": self.file, "digit": self.digit, "confidence": self.confidence,
+               "top3": [{"digit": d, "probability": p} for d, p in self.top3], "error": self.error}
+        return row | ({"prepared_file": self.prepared_file} if self.prepared_file else {})
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders as their image files (sorted, not recursive)."""
     paths: list[Path] = []
-    for item in map(Path, inputs):
+    for number, given in enumerate(inputs, 1):
+        if str(given) == "":  # Path("") is the current folder: never what an empty argument meant
+            raise ConfigError(f"input {number} is an empty path (\"\"): give an image file or a folder")
+        item = Path(given)
         if item.is_dir():
             paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         else:
@@ -77,15 +83,32 @@ def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[P
 def predict_checkpoint(checkpoint: str | Path, inputs: Iterable[str | Path], *, device: str = "auto",
                        save_prepared: str | Path | None = None) -> list[Prediction]:
     """Load a checkpoint and predict every image file or folder of images in `inputs`."""
+    paths = expand_inputs(inputs)
     model = load_checkpoint(checkpoint, resolve_device(device)).model
-    predictions = predict_files(model, expand_inputs(inputs))
+    predictions = predict_files(model, paths)
     if save_prepared:
-        from PIL import Image
-        import io
-
-        for prediction in predictions:
-            if prediction.prepared is not None:
-                buffer = io.BytesIO()
-                Image.fromarray(prediction.prepared).save(buffer, "PNG")
-                atomic_write_bytes(Path(save_prepared) / f"{Path(prediction.file).stem}.28x28.png", buffer.getvalue())
+        save_prepared_digits(predictions, Path(save_prepared))
     return predictions
+
+
+def save_prepared_digits(predictions: Sequence[Prediction], folder: Path) -> None:
+    """Write each prepared 28x28 input as FOLDER/STEM.28x28.png, and its name into
+    `prediction.prepared_file`. Inputs with the same stem (a/1.png, b/1.png, 1.jpg) get
+    STEM-2, STEM-3, ... in the order given, so none overwrites another."""
+    from PIL import Image
+    import io
+
+    used: set[str] = set()
+    for prediction in predictions:
+        if prediction.prepared is None:
+            continue
+        stem, count = Path(prediction.file).stem, 1
+        name = f"{stem}.28x28.png"
+        while name.lower() in used:  # lower: case-insensitive file systems would still collide
+            count += 1
+            name = f"{stem}-{count}.28x28.png"
+        used.add(name.lower())
+        buffer = io.BytesIO()
+        Image.fromarray(prediction.prepared).save(buffer, "PNG")
+        atomic_write_bytes(folder / name, buffer.getvalue())
+        prediction.prepared_file = str(folder / name)

@@ -9,87 +9,24 @@ a canvas drawing must be brought to the same form first, or a 99% model fails on
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from lenet5.errors import Lenet5Error
+from lenet5.imagefile import ImageError, decode_grey, read_file
 
-MAX_PIXELS = 50_000_000  # larger images are refused (decompression bombs; no phone needs more)
-MAX_BYTES = 50 * 1024 * 1024
 BOX, FIELD = 20, 28  # MNIST: digit fitted into 20x20, centred in 28x28
 
-
-class ImageError(Lenet5Error):
-    """An input image that cannot be read or holds no digit."""
+__all__ = ["ImageError", "load_grey", "prepare_digit", "prepare_file"]
 
 
 def load_grey(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """Decode an image file (PNG, JPEG, BMP, GIF, WebP, TIFF, ...) into grey floats in [0, 1].
-
-    Transparency is flattened onto a background that contrasts with the strokes (a canvas
-    drawing is often ink on a transparent background); EXIF rotation is applied (phone photos).
-    """
+    """Read and decode an image file (PNG, JPEG, BMP, GIF, WebP, TIFF) into grey floats in
+    [0, 1], within the bounds `lenet5.imagefile` sets (large images come back shrunk)."""
     label = name or (Path(source).name if not isinstance(source, bytes) else "image")
-    try:
-        if isinstance(source, bytes):
-            if len(source) > MAX_BYTES:
-                raise ImageError(f"{label}: {len(source):,} bytes, more than the {MAX_BYTES:,} accepted")
-            data = source
-        else:
-            path = Path(source)
-            if path.stat().st_size > MAX_BYTES:
-                raise ImageError(f"{label}: {path.stat().st_size:,} bytes, more than the {MAX_BYTES:,} accepted")
-            data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{label}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label}: is a directory") from None
-    except OSError as e:
-        raise ImageError(f"{label}: cannot read: {e.strerror or e}") from None
-    if not data:
-        raise ImageError(f"{label}: empty file")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns about large images when opening; the size check below decides instead.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        with image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(f"{label}: {width}x{height} is {width * height / 1e6:.0f} MP, "
-                                 f"more than the {MAX_PIXELS / 1e6:.0f} MP accepted")
-            if width == 0 or height == 0:
-                raise ImageError(f"{label}: the image is {width}x{height}")
-            image.seek(0)  # first frame of a GIF, TIFF or animated WebP
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return _flatten_to_grey(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image file this tool can read") from None
-    except Image.DecompressionBombError:
-        raise ImageError(f"{label}: image too large (decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"{label}: damaged or truncated image ({e})") from None
-
-
-def _flatten_to_grey(image: Image.Image) -> np.ndarray:
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
-    grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma
-    if has_alpha:
-        alpha = rgba[..., 3]
-        if alpha.min() < 0.99:
-            opaque = alpha > 0.5
-            strokes_dark = opaque.any() and grey[opaque].mean() < 0.5
-            background = 1.0 if strokes_dark else 0.0
-            grey = grey * alpha + background * (1 - alpha)
-    return grey
+    data = source if isinstance(source, bytes) else read_file(source, label)
+    return decode_grey(data, label)
 
 
 def prepare_digit(grey: np.ndarray, name: str = "image") -> np.ndarray:
