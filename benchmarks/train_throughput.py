@@ -56,7 +56,7 @@ def time_lenet5(name: str, images: torch.Tensor, labels: torch.Tensor, batch_siz
                 device: str = "cpu", precision: str = "fp32") -> float:
     from lenet5.runtime import flush_denormals, tune_allocator
 
-    tune_allocator()  # as fit() does
+    tune_allocator()  # as `lenet5 train` does
     flush_denormals()
     config = TrainConfig(model=name, optimizer="adam", batch_size=batch_size)
     model = create_model(name).to(device, memory_format=torch.channels_last)  # as fit() does

@@ -93,3 +93,16 @@ def test_a_diverging_run_stops_with_advice(mnist, tmp_path):
     config = TrainConfig(model="keras-lenet", optimizer="sgd", lr=1e6, epochs=1, train_samples=500, test_samples=100)
     with pytest.raises(TrainingError, match="try a smaller --lr"):
         fit(config, mnist, tmp_path / "run")
+
+
+def test_fit_leaves_the_process_as_it_found_it(mnist, tmp_path):
+    """No process-wide setting changes behind the caller's back: thread count, denormals (issue 11)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(TrainConfig(model="lenet5", optimizer="adam", batch_size=100, epochs=1, train_samples=500,
+                        test_samples=100, threads=2), mnist, tmp_path / "run")
+        assert torch.get_num_threads() == 1
+        assert (torch.tensor([1e-39]) * 0.5).item() != 0.0, "denormals are still computed, not flushed"
+    finally:
+        torch.set_num_threads(before)

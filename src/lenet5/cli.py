@@ -27,7 +27,7 @@ from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
-from lenet5.runtime import resolve_device
+from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
 from lenet5.train import Callback, TrainConfig, fit, resume
 from lenet5.train.config import RECIPES
 
@@ -227,7 +227,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         from lenet5.analysis import write_report
         from lenet5.checkpoint import load_checkpoint
-        from lenet5.runtime import resolve_device
+        from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
 
         mnist.test = mnist.test.head(args.test_samples)
         summary = write_report(load_checkpoint(args.checkpoint, resolve_device(args.device)), mnist, args.report)
@@ -282,7 +282,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.checkpoint import load_checkpoint
     from lenet5.explain import explain_digit, explain_file, plot_explanation
     from lenet5.fileio import atomic_write_bytes
-    from lenet5.runtime import resolve_device
+    from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
 
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     if (args.image is None) == (args.test_index is None):
@@ -509,6 +509,11 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "reproduce"):
+        # Process-wide speed settings belong to the program, not the library (both measured in
+        # lenet5.runtime): the heap keeps activation pages, and denormals are flushed.
+        tune_allocator()
+        flush_denormals()
     try:
         return args.handler(args)
     except ConfigError as e:

@@ -37,7 +37,7 @@ from lenet5.evaluate import EVAL_BATCH, evaluate
 from lenet5.models import DigitClassifier, count_parameters, create_model
 from lenet5.hardware import choose_precision, usable_cores
 from lenet5.run_folder import RunFolder, best_record
-from lenet5.runtime import environment, flush_denormals, resolve_device, tune_allocator
+from lenet5.runtime import environment, resolve_device
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
@@ -215,16 +215,25 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     history; from scratch if none was committed), first rewriting the folder's other files from
     it, and ends as an uninterrupted run would. Under torchrun every rank calls this with the same
     arguments; rank 0 alone writes and calls `callbacks`, and every rank returns the same result.
+
+    It leaves the process as it found it (the thread count is restored). The process-wide speed
+    settings `lenet5 train` makes first, `lenet5.runtime.tune_allocator()` and `flush_denormals()`,
+    are the caller's to make (see their docstrings).
     """
+    threads = torch.get_num_threads()
+    try:
+        return _fit(config, mnist, Path(run_dir), callbacks, resume)
+    finally:
+        torch.set_num_threads(threads)  # the governor's or --threads' count stays inside the run
+
+
+def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
     config.validate()
-    run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     world = distributed.init(config.device)
     device = distributed.device_for(world, resolve_device(config.device))
     if not world.is_main:
         callbacks = ()
-    tune_allocator()
-    flush_denormals()
     # A fixed --threads N is kept; otherwise the governor starts from the cores this process may use
     # (CPU, one process) and backs off while other processes compete for them.
     governor = None
