@@ -55,7 +55,7 @@ def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size
     """(N, 28, 28) uint8 MNIST-style digits -> (N, 10) probabilities."""
     model.eval()
     device = next(model.parameters()).device
-    out = [torch.softmax(model.logits(model(to_model_input(digits[i:i + batch_size].to(device)))), 1).cpu()
+    out = [model.probabilities(to_model_input(digits[i:i + batch_size].to(device))).cpu()
            for i in range(0, len(digits), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, 10)
 

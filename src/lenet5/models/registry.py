@@ -34,6 +34,10 @@ class DigitClassifier(nn.Module):
         """Scores whose argmax is the prediction and whose softmax is the class probabilities."""
         return outputs
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, classes) of input images x: the one expression every caller uses."""
+        return torch.softmax(self.logits(self(x)), 1)
+
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The network as named stages run in order (a model may override `activations` instead)."""
         raise NotImplementedError(f"{type(self).__name__} names no stages")

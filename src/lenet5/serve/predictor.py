@@ -147,7 +147,7 @@ class Predictor:
         else:  # the fast path: no activations kept
             with torch.no_grad():
                 x = to_model_input(torch.from_numpy(digit)[None])
-                probabilities = torch.softmax(self.model.logits(self.model(x)), 1)[0].numpy()
+                probabilities = self.model.probabilities(x)[0].numpy()
         rounded = [round(float(p), 6) for p in probabilities]
         result = {"digit": int(np.argmax(probabilities)), "confidence": max(rounded), "probabilities": rounded,
                   "prepared": _png(digit), "model": self.meta["model"]}
