@@ -77,3 +77,21 @@ def test_activations_name_every_layer_and_end_in_the_output(name):
     torch.testing.assert_close(maps["output"], outputs)
     for key, value in maps.items():
         assert value.shape[0] == 2 and torch.isfinite(value).all(), key
+
+
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet"])
+def test_pooling_before_relu_is_the_same_function(name, mnist):
+    """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order."""
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = (mnist.train.images[:64].float() / 255).unsqueeze(1)
+    y = mnist.train.labels[:64]
+    fast = model.loss(model(x), y)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = model.loss(model.classifier(model.features(x)), y)
+    plain.backward()
+    assert torch.equal(fast, plain)
+    for a, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-7)

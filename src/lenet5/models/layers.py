@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class _SigmoidTanh(torch.autograd.Function):
@@ -45,3 +46,14 @@ class Tanh(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tanh(x)
+
+
+def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """maxpool2x2(relu(conv(x))) computed as relu(maxpool2x2(conv(x))).
+
+    Speed trick: ReLU is monotonic, so both orders give the same values and the same gradients
+    (a window's maximum is positive in both or in neither), and pooling first runs the ReLU and
+    its backward on a quarter of the values. Tested against the Sequential order for every model
+    that uses it.
+    """
+    return F.relu(F.max_pool2d(conv(x), 2, 2))
