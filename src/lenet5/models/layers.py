@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from lenet5 import native
 
 
 class _SigmoidTanh(torch.autograd.Function):
@@ -45,3 +48,14 @@ class Tanh(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tanh(x)
+
+
+def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """avg_pool2d(tanh(conv(x)), 2): LeNet-5's convolution stage.
+
+    Speed trick: on CPU in fp32 one fused native kernel computes all three, forward and backward
+    (lenet5.native; compiled on first use); elsewhere, or without a compiler, PyTorch's ops.
+    """
+    if native.applies(x, conv):
+        return native.conv_tanh_pool(x, conv)
+    return F.avg_pool2d(tanh(conv(x)), 2)
