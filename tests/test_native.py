@@ -69,6 +69,22 @@ def test_forward_and_gradients_match_pytorch(kernels, mnist, layer, batch, sourc
         assert_close(a, e)
 
 
+def test_gradients_do_not_depend_on_the_thread_count(kernels):
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(6, 16, 5), torch.randn(100, 6, 14, 14, requires_grad=True)
+    grads = {}
+    threads = torch.get_num_threads()
+    for n in (1, 3):
+        torch.set_num_threads(n)
+        try:
+            y = native.conv_tanh_pool(x, conv)
+            grads[n] = torch.autograd.grad(y, (x, conv.weight, conv.bias), torch.ones_like(y))
+        finally:
+            torch.set_num_threads(threads)
+    for one, three in zip(grads[1], grads[3]):
+        assert torch.equal(one, three)  # bit for bit: blocks are summed in a fixed order
+
+
 def test_training_step_matches_pytorch_path(kernels, mnist):
     torch.manual_seed(0)
     model = create_model("lenet5").to(memory_format=torch.channels_last)  # as training runs it

@@ -18,8 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -68,13 +68,13 @@ void unpack(const vf* src, const Shape& in, int64_t crop, float* dst, int64_t B,
 
 // One register tile of a valid KxK correlation: out[o0..o0+NO)[y][x0..x0+NX) =
 // sum_{i,ky,kx} w[i][ky][kx][o] * in[i][y+ky][x0+kx..]. `w` is laid out [i][ky][kx][o].
+// Kernel rows [ky0, ky1) only: the others would read rows of `in` known to be zero.
 template <int NO, int NX>
 void conv_tile(const vf* __restrict in, const Shape& is, const float* __restrict w, int64_t co,
-               vf* __restrict out, const Shape& os, int64_t o0, int64_t y, int64_t x0) {
+               vf* __restrict out, const Shape& os, int64_t o0, int64_t y, int64_t x0, int ky0, int ky1) {
   vf acc[NO][NX] = {};
   for (int64_t i = 0; i < is.c; ++i) {
-#pragma GCC unroll 5
-    for (int ky = 0; ky < K; ++ky) {
+    for (int ky = ky0; ky < ky1; ++ky) {
       const vf* row = in + (i * is.h + y + ky) * is.w + x0;
       const float* wr = w + ((i * K + ky) * K) * co + o0;
 #pragma GCC unroll 5
@@ -91,15 +91,19 @@ void conv_tile(const vf* __restrict in, const Shape& is, const float* __restrict
     for (int t = 0; t < NX; ++t) out[((o0 + o) * os.h + y) * os.w + x0 + t] = acc[o][t];
 }
 
+// Rows of `in` outside [r0, r1) are zero padding: skipped. That halves the multiply-adds of the
+// input gradient, whose input (the output gradient padded by K-1) is half padding at C3's size.
 template <int NO, int NX>
-void conv_all(const vf* in, const Shape& is, const float* w, vf* out, const Shape& os) {
+void conv_all(const vf* in, const Shape& is, int64_t r0, int64_t r1, const float* w, vf* out, const Shape& os) {
   for (int64_t o0 = 0; o0 < os.c; o0 += NO)
-    for (int64_t y = 0; y < os.h; ++y)
+    for (int64_t y = 0; y < os.h; ++y) {
+      const int ky0 = int(std::max<int64_t>(0, r0 - y)), ky1 = int(std::min<int64_t>(K, r1 - y));
       for (int64_t x0 = 0; x0 < os.w; x0 += NX)  // the last tile overlaps the one before: stores are idempotent
-        conv_tile<NO, NX>(in, is, w, os.c, out, os, o0, y, std::min(x0, os.w - NX));
+        conv_tile<NO, NX>(in, is, w, os.c, out, os, o0, y, std::min(x0, os.w - NX), ky0, ky1);
+    }
 }
 
-using ConvFn = void (*)(const vf*, const Shape&, const float*, vf*, const Shape&);
+using ConvFn = void (*)(const vf*, const Shape&, int64_t, int64_t, const float*, vf*, const Shape&);
 struct Tiling { int no, nx; ConvFn fn; };
 #if defined(__AVX512F__)
 const Tiling TILINGS[] = {{6, 4, conv_all<6, 4>}, {4, 5, conv_all<4, 5>}, {4, 6, conv_all<4, 6>},
@@ -110,7 +114,7 @@ const Tiling TILINGS[] = {{6, 2, conv_all<6, 2>}, {4, 3, conv_all<4, 3>}, {3, 4,
 #endif
 
 // Picks the tiling with the fewest loads + multiply-adds per output (overlapping tiles count).
-void conv(const vf* in, const Shape& is, const float* w, vf* out, const Shape& os) {
+void conv(const vf* in, const Shape& is, int64_t r0, int64_t r1, const float* w, vf* out, const Shape& os) {
   const Tiling* best = nullptr;
   double best_cost = 1e300;
   for (const Tiling& t : TILINGS) {
@@ -119,11 +123,11 @@ void conv(const vf* in, const Shape& is, const float* w, vf* out, const Shape& o
     const double cost = tiles * K * (t.no * t.nx + t.nx + K + t.no);  // FMAs, row loads, weight broadcasts
     if (cost < best_cost) best_cost = cost, best = &t;
   }
-  best->fn(in, is, w, out, os);
+  best->fn(in, is, r0, r1, w, out, os);
 }
 
 // Weight gradient of one (input channel, kernel row), NO output channels at once:
-// gw[o][i][ky][kx] += sum_{y,x} dz[o][y][x] * in[i][y+ky][x+kx], kept per lane in `gacc`.
+// gw[o][i][ky][kx] = sum_{y,x} dz[o][y][x] * in[i][y+ky][x+kx], per lane, into `gacc`.
 template <int NO>
 void wgrad_rows(const vf* __restrict in, const Shape& is, const vf* __restrict dz, const Shape& ds, int64_t dpad,
                 const Shape& os, int64_t o0, int64_t i, int ky, vf* __restrict gacc) {
@@ -141,7 +145,7 @@ void wgrad_rows(const vf* __restrict in, const Shape& is, const vf* __restrict d
     }
   }
   for (int o = 0; o < NO; ++o)
-    for (int kx = 0; kx < K; ++kx) gacc[(((o0 + o) * is.c + i) * K + ky) * K + kx] += acc[o][kx];
+    for (int kx = 0; kx < K; ++kx) gacc[(((o0 + o) * is.c + i) * K + ky) * K + kx] = acc[o][kx];
 }
 
 template <int NO>
@@ -179,6 +183,18 @@ inline vf vtanh(vf x) {
   return p / q;
 }
 
+// Runs work(block, scratch) for every block on PyTorch's threads. Blocks are claimed one at a time
+// from a shared counter rather than split in fixed halves, so when another process takes a core
+// the thread still running claims the rest instead of waiting for the descheduled one.
+template <class Scratch, class Work>
+void for_each_block(int64_t nblocks, const Work& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t blk; (blk = next.fetch_add(1)) < nblocks;) work(blk, scratch);
+  });
+}
+
 Shape in_shape(const at::Tensor& x, int64_t pad) { return {x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}; }
 
 // Returns [pooled (B, Co, Ho/2, Wo/2), and, when `save`, the packed padded input and
@@ -199,28 +215,28 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& weight, 
   float* op = out.data_ptr<float>();
   vf* xsp = reinterpret_cast<vf*>(xsave.data_ptr<float>());
   vf* ssp = reinterpret_cast<vf*>(ssave.data_ptr<float>());
-  at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    Buf xin(save ? 0 : is.size()), z(os.size()), pooled(ps.size());
-    for (int64_t blk = first; blk < last; ++blk) {
-      vf* xb = save ? xsp + blk * is.size() : xin.data();
-      pack(xp, B, blk * V, xs, pad, xb, is);
-      conv(xb, is, wp, z.data(), os);
-      vf* s = save ? ssp + blk * os.size() : nullptr;
-      for (int64_t o = 0; o < os.c; ++o)
-        for (int64_t y = 0; y < ps.h; ++y)
-          for (int64_t x = 0; x < ps.w; ++x) {
-            vf sum{};
-            for (int dy = 0; dy < 2; ++dy)
-              for (int dx = 0; dx < 2; ++dx) {
-                const int64_t at = (o * os.h + 2 * y + dy) * os.w + 2 * x + dx;
-                const vf t = vtanh(z[at] + bp[o]);
-                sum += t;
-                if (s) s[at] = (1.0f - t * t) * 0.25f;
-              }
-            pooled[(o * ps.h + y) * ps.w + x] = sum * 0.25f;
-          }
-      unpack(pooled.data(), ps, 0, op, B, blk * V, ps);
-    }
+  struct Scratch { Buf xin, z, pooled; };
+  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+    if (sc.z.empty()) sc.xin.resize(save ? 0 : is.size()), sc.z.resize(os.size()), sc.pooled.resize(ps.size());
+    vf *xin = sc.xin.data(), *z = sc.z.data(), *pooled = sc.pooled.data();
+    vf* xb = save ? xsp + blk * is.size() : xin;
+    pack(xp, B, blk * V, xs, pad, xb, is);
+    conv(xb, is, pad, is.h - pad, wp, z, os);
+    vf* s = save ? ssp + blk * os.size() : nullptr;
+    for (int64_t o = 0; o < os.c; ++o)
+      for (int64_t y = 0; y < ps.h; ++y)
+        for (int64_t x = 0; x < ps.w; ++x) {
+          vf sum{};
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) {
+              const int64_t at = (o * os.h + 2 * y + dy) * os.w + 2 * x + dx;
+              const vf t = vtanh(z[at] + bp[o]);
+              sum += t;
+              if (s) s[at] = (1.0f - t * t) * 0.25f;
+            }
+          pooled[(o * ps.h + y) * ps.w + x] = sum * 0.25f;
+        }
+    unpack(pooled, ps, 0, op, B, blk * V, ps);
   });
   return {out, xsave, ssave};
 }
@@ -241,39 +257,48 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsav
   const at::Tensor wt = weight.flip({2, 3}).permute({0, 2, 3, 1}).contiguous();  // [o][ky][kx][i]
   at::Tensor gin = at::empty({need_input ? B : 0, ci, in_h, in_w}, gout.options());
   const int64_t nw = co * ci * K * K;
-  Buf total(nw + co);
-  std::mutex merge;
+  // Each block's weight and bias gradient is summed apart and the blocks added in order: the
+  // result does not depend on which thread took which block (runs stay bit-reproducible).
+  at::Tensor partial = at::empty({nblocks, nw + co}, gout.options());
   const float* gp = gout.data_ptr<float>();
   const vf* xsp = reinterpret_cast<const vf*>(xsave.data_ptr<float>());
   const vf* ssp = reinterpret_cast<const vf*>(ssave.data_ptr<float>());
-  float* gip = gin.data_ptr<float>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t first, int64_t last) {
-    Buf gpool(ps.size()), dz(ds.size()), gx(need_input ? is.size() : 0), acc(nw + co);
-    for (int64_t blk = first; blk < last; ++blk) {
-      const vf* xb = xsp + blk * is.size();
-      const vf* s = ssp + blk * os.size();
-      pack(gp, B, blk * V, ps, 0, gpool.data(), ps);
-      for (int64_t o = 0; o < co; ++o)
-        for (int64_t y = 0; y < os.h; ++y)
-          for (int64_t x = 0; x < os.w; ++x) {
-            const vf d = gpool[(o * ps.h + y / 2) * ps.w + x / 2] * s[(o * os.h + y) * os.w + x];
-            dz[(o * ds.h + y + dpad) * ds.w + x + dpad] = d;
-            acc[nw + o] += d;
-          }
-      wgrad_any(xb, is, dz.data(), ds, dpad, os, acc.data());
-      if (need_input) {
-        conv(dz.data(), ds, wt.data_ptr<float>(), gx.data(), is);
-        unpack(gx.data(), is, pad, gip, B, blk * V, gs);
-      }
+  const float* wtp = wt.data_ptr<float>();
+  float *gip = gin.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  struct Scratch { Buf gpool, dz, gx, acc; };
+  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+    if (sc.acc.empty())
+      sc.gpool.resize(ps.size()), sc.dz.resize(ds.size()), sc.gx.resize(need_input ? is.size() : 0), sc.acc.resize(nw + co);
+    vf *gpool = sc.gpool.data(), *dz = sc.dz.data(), *acc = sc.acc.data();
+    const vf* xb = xsp + blk * is.size();
+    const vf* s = ssp + blk * os.size();
+    pack(gp, B, blk * V, ps, 0, gpool, ps);
+    for (int64_t o = 0; o < co; ++o) {
+      vf bsum{};
+      for (int64_t y = 0; y < os.h; ++y)
+        for (int64_t x = 0; x < os.w; ++x) {
+          const vf d = gpool[(o * ps.h + y / 2) * ps.w + x / 2] * s[(o * os.h + y) * os.w + x];
+          dz[(o * ds.h + y + dpad) * ds.w + x + dpad] = d;
+          bsum += d;
+        }
+      acc[nw + o] = bsum;
     }
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t j = 0; j < nw + co; ++j) total[j] += acc[j];
+    wgrad_any(xb, is, dz, ds, dpad, os, acc);
+    for (int64_t j = 0; j < nw + co; ++j) {
+      float sum = 0;
+      for (int l = 0; l < V; ++l) sum += acc[j][l];
+      pp[blk * (nw + co) + j] = sum;
+    }
+    if (need_input) {
+      conv(dz, ds, dpad, dpad + os.h, wtp, sc.gx.data(), is);
+      unpack(sc.gx.data(), is, pad, gip, B, blk * V, gs);
+    }
   });
   at::Tensor gw = at::empty({co, ci, K, K}, gout.options()), gb = at::empty({co}, gout.options());
   float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
   for (int64_t j = 0; j < nw + co; ++j) {
     float sum = 0;
-    for (int l = 0; l < V; ++l) sum += total[j][l];
+    for (int64_t blk = 0; blk < nblocks; ++blk) sum += pp[blk * (nw + co) + j];
     (j < nw ? gwp[j] : gbp[j - nw]) = sum;
   }
   return {gin, gw, gb};
