@@ -12,6 +12,8 @@ C5 48,000, F6 10,080, output 840; 2 FLOPs each; training = 3 x forward.
     python benchmarks/native_kernels.py --data-dir ../shared/mnist
     # an AVX2-only CPU, emulated: kernels built for Haswell, PyTorch limited to AVX2
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/native_kernels.py --march haswell
+    # one thread: the kernels' own efficiency, without waiting on a core another process holds
+    python benchmarks/native_kernels.py --data-dir ../shared/mnist --threads 1
 """
 
 from __future__ import annotations
@@ -111,7 +113,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="Adam steps per timed round")
     parser.add_argument("--march", default="native", help="build the kernels for this CPU (e.g. haswell)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the peak is then measured on as many threads, too
     tune_allocator()  # as fit() does
     flush_denormals()
     native.configure(args.march)
