@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lenet5.models.layers import conv_pool_relu
+from lenet5.models.layers import conv_relu_pool
 from lenet5.models.registry import DigitClassifier, register_model
 
 
@@ -47,6 +47,6 @@ class KerasLeNet(DigitClassifier):
                 ("dense", c[0:3]), ("output", c[3:])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # self.features, with each ReLU after its pooling (the same function, see conv_pool_relu)
-        x = conv_pool_relu(self.features[3], conv_pool_relu(self.features[0], x))
+        # self.features, with each ReLU after its pooling (the same function, see conv_relu_pool)
+        x = conv_relu_pool(conv_relu_pool(x, self.features[0]), self.features[3])
         return self.classifier(x)

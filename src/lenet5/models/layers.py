@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lenet5 import native
+
 
 class _SigmoidTanh(torch.autograd.Function):
     """tanh(x) = 2 sigmoid(2x) - 1, with the derivative 1 - y^2 taken from the saved output.
@@ -48,8 +50,8 @@ class Tanh(nn.Module):
         return tanh(x)
 
 
-def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """maxpool2x2(relu(conv(x))) computed as relu(maxpool2x2(conv(x))).
+def conv_relu_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """max_pool2d(relu(conv(x)), 2), computed as relu(max_pool2d(conv(x), 2)).
 
     Speed trick: ReLU is monotonic, so both orders give the same values and the same gradients
     (a window's maximum is positive in both or in neither), and pooling first runs the ReLU and
@@ -57,3 +59,14 @@ def conv_pool_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     that uses it.
     """
     return F.relu(F.max_pool2d(conv(x), 2, 2))
+
+
+def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """avg_pool2d(tanh(conv(x)), 2): LeNet-5's convolution stage.
+
+    Speed trick: on CPU in fp32 one fused native kernel computes all three, forward and backward
+    (lenet5.native; compiled on first use); elsewhere, or without a compiler, PyTorch's ops.
+    """
+    if native.applies(x, conv):
+        return native.conv_tanh_pool(x, conv)
+    return F.avg_pool2d(tanh(conv(x)), 2)

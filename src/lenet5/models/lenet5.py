@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lenet5.models.layers import Tanh
+from lenet5.models.layers import Tanh, conv_tanh_pool
 from lenet5.models.registry import DigitClassifier, register_model
 
 
@@ -42,4 +42,9 @@ class LeNet5(DigitClassifier):
                 ("C5", c[0:3]), ("F6", c[3:5]), ("output", c[5:])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        # `features` stage by stage, with each conv + tanh + pool fused where a native kernel can
+        # (same numbers to fp32 rounding; `stages()` keeps the unfused modules for the viewer).
+        f = self.features
+        x = conv_tanh_pool(x, f[0])  # C1 + S2: (B, 6, 14, 14)
+        x = conv_tanh_pool(x, f[3])  # C3 + S4: (B, 16, 5, 5)
+        return self.classifier(x)

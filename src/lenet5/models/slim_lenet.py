@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lenet5.models.layers import conv_pool_relu
+from lenet5.models.layers import conv_relu_pool
 from lenet5.models.registry import DigitClassifier, register_model
 
 
@@ -37,6 +37,6 @@ class SlimLeNet(DigitClassifier):
         return [("conv1", f[0:2]), ("pool1", f[2:3]), ("conv2", f[3:5]), ("pool2", f[5:6]), ("output", c)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # self.features, with each ReLU after its pooling (the same function, see conv_pool_relu)
-        x = conv_pool_relu(self.features[3], conv_pool_relu(self.features[0], x))
+        # self.features, with each ReLU after its pooling (the same function, see conv_relu_pool)
+        x = conv_relu_pool(conv_relu_pool(x, self.features[0]), self.features[3])
         return self.classifier(x)

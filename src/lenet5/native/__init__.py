@@ -1,0 +1,125 @@
+"""Fused native CPU kernels for LeNet-5's small convolutions: conv + tanh + 2x2 average pooling.
+
+oneDNN runs LeNet-5's 1->6 and 6->16 channel 5x5 convolutions at a fraction of the CPU's fp32
+peak, and tanh and pooling each add a pass over memory. `conv_tanh_pool` does all three in one
+C++ kernel (conv_tanh_pool.cpp), forward and backward, vectorised across images for AVX-512 or
+AVX2 and parallel over the batch on PyTorch's own thread pool.
+
+The kernels are compiled on first use with the machine's compiler and cached (see `build`).
+When that is impossible (no compiler, a failed build, Windows) one warning is logged and the
+PyTorch path is used instead; it is also used wherever the kernel does not apply (not CPU
+fp32, autocast, tracing, export, torch.compile, torch.func transforms, other layer shapes).
+
+Environment: LENET5_NATIVE=0 forces the PyTorch path; CXX names the compiler (default c++).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from lenet5.native.build import BuildError, library
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" once loaded, or "error": why not; filled on first use
+_disabled = threading.local()  # set by `disabled()`, per thread
+
+
+def _ops():
+    """torch.ops.lenet5_native, compiling and loading it on first call; None if unavailable."""
+    if "ops" in _state or "error" in _state:
+        return _state.get("ops")
+    with _lock:
+        if "ops" in _state or "error" in _state:
+            return _state.get("ops")
+        if os.environ.get("LENET5_NATIVE", "1") == "0":
+            _state["error"] = "disabled by LENET5_NATIVE=0"
+            log.info("native kernels %s; using the PyTorch path", _state["error"])
+            return None
+        try:
+            torch.ops.load_library(str(library(_state.get("march", "native"))))
+            _state["ops"] = torch.ops.lenet5_native
+        except (BuildError, OSError, RuntimeError) as e:
+            _state["error"] = str(e)
+            log.warning("native kernels unavailable (%s); falling back to the PyTorch path", e)
+        return _state.get("ops")
+
+
+def available() -> bool:
+    """True when the native kernels are compiled and loaded (compiling them if need be)."""
+    return _ops() is not None
+
+
+def why_unavailable() -> str | None:
+    """The reason `available()` is False, or None."""
+    _ops()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def configure(march: str) -> None:
+    """Build for another CPU (e.g. "haswell" to emulate an AVX2-only machine); call before first use."""
+    if "ops" in _state:
+        raise RuntimeError("the native kernels are already loaded")
+    _state["march"] = march
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block (on this thread) `applies` is False: the PyTorch path runs, for A/B comparisons."""
+    before = getattr(_disabled, "on", False)
+    _disabled.on = True
+    try:
+        yield
+    finally:
+        _disabled.on = before
+
+
+class _ConvTanhPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding: int, save: bool):
+        out, xsave, ssave = _ops().conv_tanh_pool_forward(x, weight, bias, padding, save)
+        ctx.save_for_backward(xsave, ssave, weight)
+        ctx.shape = (x.shape[2], x.shape[3], padding)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xsave, ssave, weight = ctx.saved_tensors
+        h, w, padding = ctx.shape
+        gx, gw, gb = _ops().conv_tanh_pool_backward(grad, xsave, ssave, weight, h, w, padding,
+                                                           ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None), gw, gb, None, None
+
+
+def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the native kernel can compute pool(tanh(conv(x))) for this input and layer."""
+    if getattr(_disabled, "on", False):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or conv.weight.dtype != torch.float32:
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+            or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    k, p = conv.kernel_size, conv.padding
+    if conv.bias is None or k != (5, 5) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
+            or conv.padding_mode != "zeros" or isinstance(p, str) or p[0] != p[1]:
+        return False
+    out_h, out_w = x.shape[2] + 2 * p[0] - 4, x.shape[3] + 2 * p[0] - 4
+    return out_h > 0 and out_w > 0 and out_h % 2 == 0 and out_w % 2 == 0 and available()
+
+
+def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """avg_pool2d(tanh(conv(x)), 2) by the fused kernel; the caller checks `applies` first."""
+    # Inside Function.forward grad mode is off, so whether to keep what backward needs is decided here.
+    save = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad)
+    return _ConvTanhPool.apply(x, conv.weight, conv.bias, conv.padding[0], save)

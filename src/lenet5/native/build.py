@@ -1,0 +1,84 @@
+"""Compile the native kernels with the machine's C++ compiler, once, and cache the library.
+
+The library is built for this CPU (`-march=native`: AVX-512 or AVX2 as the machine has) against
+the running torch, so the cache key is the hash of the source, the torch version and ABI, the
+compiler and its flags, and the CPU's feature flags; a new torch, compiler or machine gets a
+fresh build. Builds go to  platformdirs.user_cache_dir("lenet5")/native/<key>/  and are written
+under a temporary name and renamed, so processes starting together (torchrun ranks) never load
+a half-written file.
+
+No ninja and no pybind11: the kernels register themselves as torch operators (TORCH_LIBRARY),
+which needs only the ATen headers and keeps a cold build at about 10 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+from torch.utils import cpp_extension
+
+SOURCE = Path(__file__).with_name("conv_tanh_pool.cpp")
+
+
+class BuildError(RuntimeError):
+    """The kernels could not be compiled or loaded; the message says why."""
+
+
+def compiler() -> str:
+    """The C++ compiler: $CXX as build tools honour it, else c++ or g++ on PATH."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx or not shutil.which(cxx):
+        raise BuildError(f"no C++ compiler found ({'CXX=' + cxx if cxx else 'no c++ or g++ on PATH'})")
+    return cxx
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _command(cxx: str, march: str, output: Path) -> list[str]:
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    return [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *[f"-I{p}" for p in cpp_extension.include_paths()],
+            str(SOURCE), "-o", str(output),
+            f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+
+
+def library(march: str = "native") -> Path:
+    """Path of the compiled library for this CPU (or `march`), building it on first use."""
+    if sys.platform == "win32":
+        raise BuildError("native kernels are built on Linux and macOS only")
+    cxx = compiler()
+    key_parts = [SOURCE.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(),
+                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"))).encode()]
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
+    target = Path(user_cache_dir("lenet5")) / "native" / key / "lenet5_native.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        done = subprocess.run(_command(cxx, march, partial), capture_output=True, text=True)
+    except OSError as e:
+        raise BuildError(f"{cxx} could not run: {e}") from None
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"{cxx} failed (exit {done.returncode}): {last}")
+    os.replace(partial, target)
+    return target

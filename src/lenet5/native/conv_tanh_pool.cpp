@@ -1,0 +1,313 @@
+// Fused  y = avgpool2x2(tanh(conv2d(x, w, b, padding)))  forward and backward, for LeNet-5's
+// small convolutions (1->6 and 6->16 channels, 5x5), where oneDNN reaches 20-45% of the
+// machine's fp32 peak because a 6- or 16-channel layer fills no vector along channels.
+//
+// Design: vectorise ACROSS IMAGES. A block of V images (V = 16 with AVX-512, 8 with AVX2,
+// 4 otherwise) is repacked as [channel][row][column][V]; every multiply-add is then one
+// full vector times one broadcast weight, for any channel count and image size, with no
+// border or remainder code inside the hot loops. Output tiles of NO channels x NX columns
+// stay in registers (NO*NX accumulators: 24 of the 32 AVX-512 registers, 12 of 16 with AVX2).
+// Batches are split into blocks over PyTorch's own thread pool (at::parallel_for), so no
+// second OpenMP runtime competes for the cores.
+// The vector code is GCC/Clang vector extensions: -march picks the width, and the same
+// source builds (slower) for any target.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+constexpr int V = 16, ACC = 24;
+#elif defined(__AVX__)
+constexpr int V = 8, ACC = 12;
+#else
+constexpr int V = 4, ACC = 12;
+#endif
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+constexpr int K = 5;  // the kernel size instantiated; Python sends other sizes to PyTorch
+
+namespace {
+
+using Buf = std::vector<vf>;  // std::vector<vf> is aligned for vf (C++17 aligned new)
+
+struct Shape { int64_t c, h, w; int64_t size() const { return c * h * w; } };
+
+inline vf* at_(vf* p, const Shape& s, int64_t c, int64_t y, int64_t x) { return p + (c * s.h + y) * s.w + x; }
+
+// NCHW images [b0, b0+V) of `src` -> [c][y+pad][x+pad][lane] of `dst` (zeroed first: border and
+// missing images of the last block are 0, so they add nothing to any gradient).
+void pack(const float* src, int64_t B, int64_t b0, const Shape& in, int64_t pad, vf* dst, const Shape& out) {
+  std::fill(dst, dst + out.size(), vf{});
+  float* d = reinterpret_cast<float*>(dst);
+  for (int64_t l = 0; l < V && b0 + l < B; ++l) {
+    const float* s = src + (b0 + l) * in.size();
+    for (int64_t c = 0; c < in.c; ++c)
+      for (int64_t y = 0; y < in.h; ++y)
+        for (int64_t x = 0; x < in.w; ++x)
+          d[((c * out.h + y + pad) * out.w + x + pad) * V + l] = s[(c * in.h + y) * in.w + x];
+  }
+}
+
+// The inverse, reading rows/columns [crop, crop + out.h/w) of `src`.
+void unpack(const vf* src, const Shape& in, int64_t crop, float* dst, int64_t B, int64_t b0, const Shape& out) {
+  const float* s = reinterpret_cast<const float*>(src);
+  for (int64_t l = 0; l < V && b0 + l < B; ++l) {
+    float* d = dst + (b0 + l) * out.size();
+    for (int64_t c = 0; c < out.c; ++c)
+      for (int64_t y = 0; y < out.h; ++y)
+        for (int64_t x = 0; x < out.w; ++x)
+          d[(c * out.h + y) * out.w + x] = s[((c * in.h + y + crop) * in.w + x + crop) * V + l];
+  }
+}
+
+// One register tile of a valid KxK correlation: out[o0..o0+NO)[y][x0..x0+NX) =
+// sum_{i,ky,kx} w[i][ky][kx][o] * in[i][y+ky][x0+kx..]. `w` is laid out [i][ky][kx][o].
+// Kernel rows [ky0, ky1) only: the others would read rows of `in` known to be zero.
+template <int NO, int NX>
+void conv_tile(const vf* __restrict in, const Shape& is, const float* __restrict w, int64_t co,
+               vf* __restrict out, const Shape& os, int64_t o0, int64_t y, int64_t x0, int ky0, int ky1) {
+  vf acc[NO][NX] = {};
+  for (int64_t i = 0; i < is.c; ++i) {
+    for (int ky = ky0; ky < ky1; ++ky) {
+      const vf* row = in + (i * is.h + y + ky) * is.w + x0;
+      const float* wr = w + ((i * K + ky) * K) * co + o0;
+#pragma GCC unroll 5
+      for (int kx = 0; kx < K; ++kx)
+#pragma GCC unroll 8
+        for (int o = 0; o < NO; ++o) {
+          const float wv = wr[kx * co + o];
+#pragma GCC unroll 12
+          for (int t = 0; t < NX; ++t) acc[o][t] += wv * row[t + kx];
+        }
+    }
+  }
+  for (int o = 0; o < NO; ++o)
+    for (int t = 0; t < NX; ++t) out[((o0 + o) * os.h + y) * os.w + x0 + t] = acc[o][t];
+}
+
+// Rows of `in` outside [r0, r1) are zero padding: skipped. That halves the multiply-adds of the
+// input gradient, whose input (the output gradient padded by K-1) is half padding at C3's size.
+template <int NO, int NX>
+void conv_all(const vf* in, const Shape& is, int64_t r0, int64_t r1, const float* w, vf* out, const Shape& os) {
+  for (int64_t o0 = 0; o0 < os.c; o0 += NO)
+    for (int64_t y = 0; y < os.h; ++y) {
+      const int ky0 = int(std::max<int64_t>(0, r0 - y)), ky1 = int(std::min<int64_t>(K, r1 - y));
+      for (int64_t x0 = 0; x0 < os.w; x0 += NX)  // the last tile overlaps the one before: stores are idempotent
+        conv_tile<NO, NX>(in, is, w, os.c, out, os, o0, y, std::min(x0, os.w - NX), ky0, ky1);
+    }
+}
+
+using ConvFn = void (*)(const vf*, const Shape&, int64_t, int64_t, const float*, vf*, const Shape&);
+struct Tiling { int no, nx; ConvFn fn; };
+#if defined(__AVX512F__)
+const Tiling TILINGS[] = {{6, 4, conv_all<6, 4>}, {4, 5, conv_all<4, 5>}, {4, 6, conv_all<4, 6>},
+                          {3, 7, conv_all<3, 7>}, {2, 8, conv_all<2, 8>}, {1, 8, conv_all<1, 8>}, {1, 1, conv_all<1, 1>}};
+#else
+const Tiling TILINGS[] = {{6, 2, conv_all<6, 2>}, {4, 3, conv_all<4, 3>}, {3, 4, conv_all<3, 4>},
+                          {2, 5, conv_all<2, 5>}, {2, 6, conv_all<2, 6>}, {1, 8, conv_all<1, 8>}, {1, 1, conv_all<1, 1>}};
+#endif
+
+// Picks the tiling with the fewest loads + multiply-adds per output (overlapping tiles count).
+void conv(const vf* in, const Shape& is, int64_t r0, int64_t r1, const float* w, vf* out, const Shape& os) {
+  const Tiling* best = nullptr;
+  double best_cost = 1e300;
+  for (const Tiling& t : TILINGS) {
+    if (os.c % t.no || os.w < t.nx) continue;
+    const double tiles = double(os.c / t.no) * ((os.w + t.nx - 1) / t.nx);
+    const double cost = tiles * K * (t.no * t.nx + t.nx + K + t.no);  // FMAs, row loads, weight broadcasts
+    if (cost < best_cost) best_cost = cost, best = &t;
+  }
+  best->fn(in, is, r0, r1, w, out, os);
+}
+
+// Weight gradient of one (input channel, kernel row), NO output channels at once:
+// gw[o][i][ky][kx] = sum_{y,x} dz[o][y][x] * in[i][y+ky][x+kx], per lane, into `gacc`.
+template <int NO>
+void wgrad_rows(const vf* __restrict in, const Shape& is, const vf* __restrict dz, const Shape& ds, int64_t dpad,
+                const Shape& os, int64_t o0, int64_t i, int ky, vf* __restrict gacc) {
+  vf acc[NO][K] = {};
+  for (int64_t y = 0; y < os.h; ++y) {
+    const vf* row = in + (i * is.h + y + ky) * is.w;
+    for (int64_t x = 0; x < os.w; ++x) {
+      vf d[NO];
+#pragma GCC unroll 8
+      for (int o = 0; o < NO; ++o) d[o] = dz[((o0 + o) * ds.h + y + dpad) * ds.w + x + dpad];
+#pragma GCC unroll 5
+      for (int kx = 0; kx < K; ++kx)
+#pragma GCC unroll 8
+        for (int o = 0; o < NO; ++o) acc[o][kx] += d[o] * row[x + kx];
+    }
+  }
+  for (int o = 0; o < NO; ++o)
+    for (int kx = 0; kx < K; ++kx) gacc[(((o0 + o) * is.c + i) * K + ky) * K + kx] = acc[o][kx];
+}
+
+template <int NO>
+void wgrad(const vf* in, const Shape& is, const vf* dz, const Shape& ds, int64_t dpad, const Shape& os, vf* gacc) {
+  for (int64_t o0 = 0; o0 < os.c; o0 += NO)
+    for (int64_t i = 0; i < is.c; ++i)
+      for (int ky = 0; ky < K; ++ky) wgrad_rows<NO>(in, is, dz, ds, dpad, os, o0, i, ky, gacc);
+}
+
+void wgrad_any(const vf* in, const Shape& is, const vf* dz, const Shape& ds, int64_t dpad, const Shape& os, vf* gacc) {
+  constexpr int most = ACC / K;  // 4 with AVX-512, 2 with AVX2
+  if (most >= 4 && os.c % 4 == 0) return wgrad<4>(in, is, dz, ds, dpad, os, gacc);
+  if (most >= 3 && os.c % 3 == 0) return wgrad<3>(in, is, dz, ds, dpad, os, gacc);
+  if (os.c % 2 == 0) return wgrad<2>(in, is, dz, ds, dpad, os, gacc);
+  wgrad<1>(in, is, dz, ds, dpad, os, gacc);
+}
+
+// tanh as Eigen's rational approximation (clamped at +-7.9, where tanh is 1 in fp32): a few
+// ulp from std::tanh, and vectorisable where libm's tanh is not.
+inline vf vtanh(vf x) {
+  const vf c = vf{} + 7.90531110763549805f;
+  x = x > c ? c : x;
+  x = x < -c ? -c : x;
+  const vf x2 = x * x;
+  vf p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * x;
+  vf q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return p / q;
+}
+
+// Runs work(block, scratch) for every block on PyTorch's threads. Blocks are claimed one at a time
+// from a shared counter rather than split in fixed halves, so when another process takes a core
+// the thread still running claims the rest instead of waiting for the descheduled one.
+template <class Scratch, class Work>
+void for_each_block(int64_t nblocks, const Work& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t blk; (blk = next.fetch_add(1)) < nblocks;) work(blk, scratch);
+  });
+}
+
+Shape in_shape(const at::Tensor& x, int64_t pad) { return {x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}; }
+
+// Returns [pooled (B, Co, Ho/2, Wo/2), and, when `save`, the packed padded input and
+// s = (1 - tanh^2) / 4 per block: all the backward pass needs].
+std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias, int64_t pad,
+                                bool save) {
+  const at::Tensor x = x_.contiguous();
+  const int64_t B = x.size(0), nblocks = (B + V - 1) / V;
+  const Shape is = in_shape(x, pad), os{weight.size(0), is.h - K + 1, is.w - K + 1};
+  const Shape ps{os.c, os.h / 2, os.w / 2}, xs{x.size(1), x.size(2), x.size(3)};
+  TORCH_CHECK(weight.size(2) == K && weight.size(3) == K && os.h % 2 == 0 && os.w % 2 == 0, "unsupported shape");
+  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();  // [i][ky][kx][o]: NO weights side by side
+  const at::Tensor b = bias.contiguous();
+  at::Tensor out = at::empty({B, ps.c, ps.h, ps.w}, x.options());
+  at::Tensor xsave = at::empty({save ? nblocks * is.size() * V : 0}, x.options());
+  at::Tensor ssave = at::empty({save ? nblocks * os.size() * V : 0}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  vf* xsp = reinterpret_cast<vf*>(xsave.data_ptr<float>());
+  vf* ssp = reinterpret_cast<vf*>(ssave.data_ptr<float>());
+  struct Scratch { Buf xin, z, pooled; };
+  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+    if (sc.z.empty()) sc.xin.resize(save ? 0 : is.size()), sc.z.resize(os.size()), sc.pooled.resize(ps.size());
+    vf *xin = sc.xin.data(), *z = sc.z.data(), *pooled = sc.pooled.data();
+    vf* xb = save ? xsp + blk * is.size() : xin;
+    pack(xp, B, blk * V, xs, pad, xb, is);
+    conv(xb, is, pad, is.h - pad, wp, z, os);
+    vf* s = save ? ssp + blk * os.size() : nullptr;
+    for (int64_t o = 0; o < os.c; ++o)
+      for (int64_t y = 0; y < ps.h; ++y)
+        for (int64_t x = 0; x < ps.w; ++x) {
+          vf sum{};
+          for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx) {
+              const int64_t at = (o * os.h + 2 * y + dy) * os.w + 2 * x + dx;
+              const vf t = vtanh(z[at] + bp[o]);
+              sum += t;
+              if (s) s[at] = (1.0f - t * t) * 0.25f;
+            }
+          pooled[(o * ps.h + y) * ps.w + x] = sum * 0.25f;
+        }
+    unpack(pooled, ps, 0, op, B, blk * V, ps);
+  });
+  return {out, xsave, ssave};
+}
+
+// Returns [grad input (empty unless need_input), grad weight, grad bias].
+std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsave, const at::Tensor& ssave,
+                                 const at::Tensor& weight, int64_t in_h, int64_t in_w, int64_t pad, bool need_input) {
+  const at::Tensor gout = gout_.contiguous();
+  const int64_t B = gout.size(0), nblocks = (B + V - 1) / V;
+  const int64_t co = weight.size(0), ci = weight.size(1);
+  const Shape is{ci, in_h + 2 * pad, in_w + 2 * pad}, os{co, is.h - K + 1, is.w - K + 1}, ps{co, os.h / 2, os.w / 2};
+  // dz padded by K-1 on every side: the input gradient is then a valid correlation of it with
+  // the flipped, transposed kernel, the same conv() as the forward pass.
+  const int64_t dpad = need_input ? K - 1 : 0;
+  TORCH_CHECK(xsave.numel() == nblocks * is.size() * V && ssave.numel() == nblocks * os.size() * V,
+              "conv_tanh_pool_backward: the forward pass kept no state for this batch");
+  const Shape ds{co, os.h + 2 * dpad, os.w + 2 * dpad}, gs{ci, in_h, in_w};
+  const at::Tensor wt = weight.flip({2, 3}).permute({0, 2, 3, 1}).contiguous();  // [o][ky][kx][i]
+  at::Tensor gin = at::empty({need_input ? B : 0, ci, in_h, in_w}, gout.options());
+  const int64_t nw = co * ci * K * K;
+  // Each block's weight and bias gradient is summed apart and the blocks added in order: the
+  // result does not depend on which thread took which block (runs stay bit-reproducible).
+  at::Tensor partial = at::empty({nblocks, nw + co}, gout.options());
+  const float* gp = gout.data_ptr<float>();
+  const vf* xsp = reinterpret_cast<const vf*>(xsave.data_ptr<float>());
+  const vf* ssp = reinterpret_cast<const vf*>(ssave.data_ptr<float>());
+  const float* wtp = wt.data_ptr<float>();
+  float *gip = gin.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  struct Scratch { Buf gpool, dz, gx, acc; };
+  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+    if (sc.acc.empty())
+      sc.gpool.resize(ps.size()), sc.dz.resize(ds.size()), sc.gx.resize(need_input ? is.size() : 0), sc.acc.resize(nw + co);
+    vf *gpool = sc.gpool.data(), *dz = sc.dz.data(), *acc = sc.acc.data();
+    const vf* xb = xsp + blk * is.size();
+    const vf* s = ssp + blk * os.size();
+    pack(gp, B, blk * V, ps, 0, gpool, ps);
+    for (int64_t o = 0; o < co; ++o) {
+      vf bsum{};
+      for (int64_t y = 0; y < os.h; ++y)
+        for (int64_t x = 0; x < os.w; ++x) {
+          const vf d = gpool[(o * ps.h + y / 2) * ps.w + x / 2] * s[(o * os.h + y) * os.w + x];
+          dz[(o * ds.h + y + dpad) * ds.w + x + dpad] = d;
+          bsum += d;
+        }
+      acc[nw + o] = bsum;
+    }
+    wgrad_any(xb, is, dz, ds, dpad, os, acc);
+    for (int64_t j = 0; j < nw + co; ++j) {
+      float sum = 0;
+      for (int l = 0; l < V; ++l) sum += acc[j][l];
+      pp[blk * (nw + co) + j] = sum;
+    }
+    if (need_input) {
+      conv(dz, ds, dpad, dpad + os.h, wtp, sc.gx.data(), is);
+      unpack(sc.gx.data(), is, pad, gip, B, blk * V, gs);
+    }
+  });
+  at::Tensor gw = at::empty({co, ci, K, K}, gout.options()), gb = at::empty({co}, gout.options());
+  float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
+  for (int64_t j = 0; j < nw + co; ++j) {
+    float sum = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) sum += pp[blk * (nw + co) + j];
+    (j < nw ? gwp[j] : gbp[j - nw]) = sum;
+  }
+  return {gin, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lenet5_native, m) {
+  m.def("conv_tanh_pool_forward", &forward);
+  m.def("conv_tanh_pool_backward", &backward);
+  m.def("vector_width", [] { return int64_t(V); });
+}

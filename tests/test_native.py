@@ -1,0 +1,149 @@
+"""The native conv + tanh + pool kernels agree with PyTorch, and the PyTorch path stands in without them."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lenet5 import native
+from lenet5.data.transforms import to_model_input
+from lenet5.models import create_model
+from lenet5.native.build import BuildError, compiler
+
+LAYERS = {"C1": (1, 6, 28, 2), "C3": (6, 16, 14, 0)}  # in, out channels, input size, padding
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Skips only when there is no compiler at all; a compiler that fails is a failure."""
+    try:
+        compiler()
+    except BuildError as e:
+        pytest.skip(str(e))
+    assert native.available(), native.why_unavailable()
+
+
+def reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return F.avg_pool2d(torch.tanh(conv(x)), 2)
+
+
+def layer_input(layer: str, batch: int, source: str, mnist) -> torch.Tensor:
+    if source == "random":
+        c, _, size, _ = LAYERS[layer]
+        return torch.randn(batch, c, size, size)
+    images = to_model_input(mnist.test.images[:batch])  # (B, 1, 28, 28)
+    if layer == "C3":  # what C3 sees: real C1 + S2 feature maps
+        with torch.no_grad():
+            images = reference(images, create_model("lenet5").features[0])
+    return images
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # 1e-5 relative to the tensor's scale: sums over hundreds of products round differently.
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.parametrize("source", ["random", "mnist"])
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("layer", ["C1", "C3"])
+def test_forward_and_gradients_match_pytorch(kernels, mnist, layer, batch, source):
+    torch.manual_seed(batch)
+    cin, cout, _, padding = LAYERS[layer]
+    conv = nn.Conv2d(cin, cout, 5, padding=padding)
+    x = layer_input(layer, batch, source, mnist).requires_grad_()
+    assert native.applies(x, conv)
+    expected = reference(x, conv)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, conv.weight, conv.bias), grad)
+    actual = native.conv_tanh_pool(x, conv)
+    actual_grads = torch.autograd.grad(actual, (x, conv.weight, conv.bias), grad)
+    assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        assert_close(a, e)
+
+
+def test_gradients_do_not_depend_on_the_thread_count(kernels):
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(6, 16, 5), torch.randn(100, 6, 14, 14, requires_grad=True)
+    grads = {}
+    threads = torch.get_num_threads()
+    for n in (1, 3):
+        torch.set_num_threads(n)
+        try:
+            y = native.conv_tanh_pool(x, conv)
+            grads[n] = torch.autograd.grad(y, (x, conv.weight, conv.bias), torch.ones_like(y))
+        finally:
+            torch.set_num_threads(threads)
+    for one, three in zip(grads[1], grads[3]):
+        assert torch.equal(one, three)  # bit for bit: blocks are summed in a fixed order
+
+
+def test_training_step_matches_pytorch_path(kernels, mnist):
+    torch.manual_seed(0)
+    model = create_model("lenet5").to(memory_format=torch.channels_last)  # as training runs it
+    x, y = to_model_input(mnist.train.images[:77]), mnist.train.labels[:77]
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model.loss(model(x), y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = step()
+    with native.disabled():
+        assert not native.applies(x, model.features[0])
+        expected_loss, expected_grads = step()
+    assert_close(loss, expected_loss)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e)
+    activations = model.activations(x)  # the unfused stages, for the feature-map viewer
+    assert_close(activations["output"], model(x))
+
+
+def test_pytorch_path_where_the_kernel_does_not_apply(kernels):
+    model = create_model("lenet5")
+    conv, x = model.features[0], torch.rand(4, 1, 28, 28)
+    assert native.applies(x, conv)
+    assert not native.applies(x.double(), copy.deepcopy(conv).double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.applies(x, conv)
+    assert not native.applies(torch.rand(4, 1, 27, 27), conv)  # odd conv output: no 2x2 pooling
+    # torch.func transforms and tracing see standard ops, and give what eager gives
+    jacobian = torch.func.jacrev(lambda t: model(t).sum())(x)
+    torch.testing.assert_close(jacobian, torch.autograd.grad(model(x.requires_grad_()).sum(), x)[0], atol=1e-5, rtol=0)
+    traced = torch.jit.trace(model, x.detach())
+    torch.testing.assert_close(traced(x.detach()), model(x.detach()), atol=1e-5, rtol=0)
+
+
+SCRIPT = """
+import torch
+from lenet5 import native
+from lenet5.models import create_model
+model = create_model("lenet5")
+optimizer = torch.optim.Adam(model.parameters())
+x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+for _ in range(2):
+    optimizer.zero_grad()
+    loss = model.loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+print("available", native.available(), "loss", round(loss.item(), 3))
+"""
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++"}, {"LENET5_NATIVE": "0"}], ids=["no-compiler", "off"])
+def test_trains_on_the_pytorch_path_without_kernels(tmp_path, env):
+    run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}  # an empty cache: nothing built before
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=run_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "available False loss" in done.stdout
+    if "CXX" in env:
+        assert "falling back to the PyTorch path" in done.stderr and "/nonexistent/c++" in done.stderr
+    assert not (tmp_path / "lenet5" / "native").exists() or not any((tmp_path / "lenet5" / "native").rglob("*.so"))
