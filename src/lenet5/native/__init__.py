@@ -97,6 +97,8 @@ class _ConvTanhPool(torch.autograd.Function):
         h, w, padding = ctx.shape
         gx, gw, gb = _ops().conv_tanh_pool_backward(grad, xsave, ssave, weight, h, w, padding,
                                                            ctx.needs_input_grad[0])
+        if gw.stride() != weight.stride():  # the gradient takes its weight's layout (channels_last), as DDP expects
+            gw = torch.empty_like(weight).copy_(gw)
         return (gx if ctx.needs_input_grad[0] else None), gw, gb, None, None
 
 
