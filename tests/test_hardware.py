@@ -70,3 +70,16 @@ def test_usable_cores_follow_affinity():
                "from lenet5.hardware import usable_cores; print(usable_cores())"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
         assert out.stdout.strip() == "1"
+
+
+def test_auto_keeps_fp32_for_a_model_whose_layers_are_too_narrow_for_bf16():
+    from lenet5.models import model_class
+
+    cpu = torch.device("cpu")
+    assert model_class("keras-lenet").bf16_pays and not model_class("lenet5").bf16_pays
+    assert not model_class("lenet5-1998").bf16_pays
+    narrow = choose_precision("auto", cpu, bf16_pays=False)
+    assert narrow.precision == "fp32"
+    if choose_precision("auto", cpu).precision == "bf16":
+        assert "runs faster in fp32" in narrow.reason
+    assert choose_precision("bf16", cpu, bf16_pays=False).precision == "bf16"  # asked for: kept

@@ -121,8 +121,9 @@ class PrecisionChoice:
     slow: bool = False  # bf16 asked for where it is emulated
 
 
-def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
-    """Resolve --precision: `auto` takes bf16 only where it is fast on `device`.
+def choose_precision(requested: str, device: torch.device, bf16_pays: bool = True) -> PrecisionChoice:
+    """Resolve --precision: `auto` takes bf16 only where it is fast on `device`, and only for a model
+    whose layers are wide enough for it to pay (`bf16_pays`, a model's class attribute).
 
     On a CPU that means native bf16 arithmetic (AMX tiles or AVX512-BF16 dot products) usable by
     both PyTorch and oneDNN; elsewhere bf16 is emulated, ~300x slower than fp32 on an AVX2-only
@@ -139,6 +140,8 @@ def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
     else:
         fast, why = False, f"{device.type}: bf16 autocast not measured here"
     if requested == "auto":
+        if fast and not bf16_pays:
+            return PrecisionChoice("fp32", f"auto: {why}, but this model runs faster in fp32")
         return PrecisionChoice("bf16" if fast else "fp32", f"auto: {why}")
     if requested == "bf16" and not fast:
         return PrecisionChoice("bf16", f"asked for, and slow here: {why}", slow=True)

@@ -249,6 +249,10 @@ class EuclideanRBF(nn.Module):
 class LeNet5_1998(DigitClassifier):
     """LeNet-5 of LeCun et al. 1998 (Proc. IEEE, sec. II.B): C3 table, trainable subsampling, scaled tanh, fixed RBF output (60,000 params)."""
 
+    # A reproduction: the paper's arithmetic in fp32 (SDLM's step divides by Hessian estimates that
+    # bf16 would round to 3 digits), and its layers are narrow anyway.
+    bf16_pays = False
+
     def __init__(self, j: float = 0.1):
         super().__init__()
         if j <= 0:

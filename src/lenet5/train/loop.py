@@ -34,7 +34,7 @@ from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
-from lenet5.models import DigitClassifier, count_parameters, create_model
+from lenet5.models import DigitClassifier, count_parameters, create_model, model_class
 from lenet5.hardware import choose_precision, usable_cores
 from lenet5.run_folder import RunFolder, best_record
 from lenet5.runtime import environment, resolve_device
@@ -241,7 +241,7 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
         torch.set_num_threads(config.threads or usable_cores())
     else:
         governor = ThreadGovernor(usable_cores())
-    precision = choose_precision(config.precision, device)
+    precision = choose_precision(config.precision, device, model_class(config.model).bf16_pays)
     train = mnist.train.head(config.train_samples).to(device)
     test = mnist.test.head(config.test_samples).to(device)
     if config.batch_size > len(train):
