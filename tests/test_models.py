@@ -95,3 +95,15 @@ def test_pooling_before_relu_is_the_same_function(name, mnist):
     assert torch.equal(fast, plain)
     for a, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_fast_tanh_agrees_with_torch_tanh():
+    """layers.tanh's claim: the sigmoid form agrees with torch.tanh to 2e-7, values and gradients."""
+    from lenet5.models.layers import tanh
+
+    x = torch.linspace(-12, 12, 200_001, requires_grad=True)
+    fast = tanh(x)
+    reference = torch.tanh(x.detach())
+    assert (fast - reference).abs().max().item() <= 2e-7
+    fast.sum().backward()
+    assert (x.grad - (1 - reference ** 2)).abs().max().item() <= 5e-7

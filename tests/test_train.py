@@ -11,6 +11,7 @@ import torch
 from lenet5.checkpoint import load_checkpoint
 from lenet5.errors import CheckpointError
 from lenet5.evaluate import evaluate_checkpoint
+from lenet5.models import create_model
 from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
 from lenet5.train.loop import HISTORY_FIELDS
 
@@ -106,3 +107,17 @@ def test_fit_leaves_the_process_as_it_found_it(mnist, tmp_path):
         assert (torch.tensor([1e-39]) * 0.5).item() != 0.0, "denormals are still computed, not flushed"
     finally:
         torch.set_num_threads(before)
+
+
+def test_warm_up_changes_no_state(mnist):
+    """warm_up runs the step's passes before the clock; weights and gradients stay as they were."""
+    from lenet5.train.loop import warm_up
+
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    warm_up(model, model, mnist.train.head(256), [128, 37])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
