@@ -46,6 +46,13 @@ def test_train_evaluate_resume_end_to_end(data_env, tmp_path, capsys):
     assert "resuming after epoch 1" in out and "epoch  2  train loss" in out
     assert len(json.loads((run_dir / "history.json").read_text())) == 2
 
+    # The machine may change on resume (issue 11): device and threads are host settings, not the run's.
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--epochs", "3", "--device", "cpu",
+                         "--threads", "1")
+    assert code == 0, err
+    assert "cpu (" in out and "1 threads" in out and "epoch  3  train loss" in out
+    assert json.loads((run_dir / "config.json").read_text())["threads"] == 0  # the run's own settings stay
+
     code, _, err = run(capsys, "train", *common, "--out-dir", str(tmp_path), "--name", "r")
     assert code == 2 and "already holds a run; continue it with --resume" in err
 
@@ -81,9 +88,9 @@ def test_bf16_where_it_is_emulated_warns(mnist_dir, tmp_path):
     (["train", "--model", "lenet7"], 2, "unknown model 'lenet7'"),
     (["train", "--batch-size", "0"], 2, "--batch-size must be positive"),
     (["train", "--train-samples", "10", "--batch-size", "32"], 2, "larger than the 10 training images"),
-    (["train", "--resume", "nowhere", "--lr", "0.1"], 2, "only --epochs may be given"),
+    (["train", "--resume", "nowhere", "--lr", "0.1"], 2, "only --epochs and the host settings"),
     (["train", "--resume", "nowhere"], 1, "not a run folder"),
-    (["train", "--resume", "nowhere", "--recipe", "fast"], 2, "only --epochs may be given"),
+    (["train", "--resume", "nowhere", "--recipe", "fast"], 2, "only --epochs and the host settings"),
     (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is a test accuracy between 0 and 1"),
     (["evaluate", "missing.safetensors"], 1, "checkpoint not found"),
     (["evaluate", "x.safetensors", "--batch-size", "0"], 2, "--batch-size must be positive"),

@@ -100,6 +100,7 @@ def test_fit_leaves_the_process_as_it_found_it(mnist, tmp_path):
     """No process-wide setting changes behind the caller's back: thread count, denormals (issue 11)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(False)  # as a fresh process has it (an in-process `lenet5 train` turns it on)
     try:
         fit(TrainConfig(model="lenet5", optimizer="adam", batch_size=100, epochs=1, train_samples=500,
                         test_samples=100, threads=2), mnist, tmp_path / "run")

@@ -29,7 +29,7 @@ from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
 from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
 from lenet5.train import Callback, TrainConfig, fit, resume
-from lenet5.train.config import RECIPES
+from lenet5.train.config import HOST_SETTINGS, RECIPES
 
 OFFLINE_ENV = "LENET5_OFFLINE"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -155,9 +155,10 @@ def _load_data_ranked(args: argparse.Namespace, world: distributed.World):
 def cmd_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
-        if args.config or args.recipe or set(given) - {"epochs"}:
-            raise ConfigError("--resume continues a run with its own config.json; only --epochs may be given with it")
-        device = TrainConfig.from_json(RunFolder(args.resume).require().config).device
+        if args.config or args.recipe or set(given) - {"epochs", *HOST_SETTINGS}:
+            raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
+                              f"settings ({', '.join('--' + h.replace('_', '-') for h in HOST_SETTINGS)}) may be given with it")
+        device = given.get("device") or TrainConfig.from_json(RunFolder(args.resume).require().config).device
     else:
         base = {}
         if args.recipe:
@@ -176,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             result = resume(args.resume, _load_data_ranked(args, world), epochs=given.get("epochs"),
-                            callbacks=progress)
+                            callbacks=progress, **{k: v for k, v in given.items() if k in HOST_SETTINGS})
         else:
             name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
             run_dir = args.out_dir / name

@@ -19,6 +19,8 @@ from typing import Any
 from lenet5.errors import ConfigError
 from lenet5.models import list_models
 
+# Settings of the machine a run happens to use, not of the run: `--resume` may change them.
+HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "sdlm")
 SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -19,6 +19,7 @@ only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from lenet5.models import DigitClassifier, count_parameters, create_model, model
 from lenet5.hardware import choose_precision, usable_cores
 from lenet5.run_folder import RunFolder, best_record
 from lenet5.runtime import environment, resolve_device
-from lenet5.train.config import TrainConfig
+from lenet5.train.config import HOST_SETTINGS, TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import capture_train_state, restore_rng
@@ -357,12 +358,19 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
 
 
 def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
-           callbacks: Sequence[Callback] = ()) -> FitResult:
-    """Continue an interrupted run from its folder (optionally for more epochs than planned)."""
+           callbacks: Sequence[Callback] = (), **host: Any) -> FitResult:
+    """Continue an interrupted run from its folder (optionally for more epochs than planned).
+
+    `host` may change the settings of the machine it continues on (HOST_SETTINGS: device,
+    threads, eval_batch_size, compile) for this session; config.json keeps the run's own."""
     folder = RunFolder(run_dir).require()
     config = TrainConfig.from_json(folder.config)
     if epochs is not None:
         config.epochs = epochs
         config.validate()
         folder.write_config(config.to_dict())
+    unknown = sorted(set(host) - set(HOST_SETTINGS))
+    if unknown:
+        raise ConfigError(f"--resume may change only {', '.join(HOST_SETTINGS)} and --epochs, not {', '.join(unknown)}")
+    config = dataclasses.replace(config, **host)  # validates
     return fit(config, mnist, folder.path, callbacks=callbacks, resume=True)
