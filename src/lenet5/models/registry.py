@@ -28,6 +28,9 @@ class DigitClassifier(nn.Module):
     # Whether bf16 autocast speeds training up where bf16 is native (`--precision auto` asks):
     # true for wide layers; a model of narrow layers or with exact fp32 arithmetic says no.
     bf16_pays: bool = True
+    # How viewers draw a layer whose output is a vector: name -> (rows, columns) of the picture
+    # that layer means (the 1998 network's F6 is the 7x12 bitmap its RBF output compares with).
+    display_shapes: dict[str, tuple[int, int]] = {}
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean training loss of a batch."""

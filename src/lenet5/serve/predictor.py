@@ -87,9 +87,11 @@ def _diverging(values: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def layer_images(maps: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Each layer's maps as one PNG: channels side by side (1-px gaps), vectors as a strip
-    (F6's 84 units as the 7x12 bitmap the RBF output compares them with)."""
+def layer_images(maps: dict[str, np.ndarray], display_shapes: dict[str, tuple[int, int]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Each layer's maps as one PNG: channels side by side (1-px gaps), vectors as a strip 4 pixels
+    tall, or as the picture the model's `display_shapes` names (the 1998 network's F6: 7x12)."""
+    display_shapes = display_shapes or {}
     layers = []
     for name, value in maps.items():
         if name == "input":
@@ -103,8 +105,8 @@ def layer_images(maps: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             rgb[np.isnan(tiles)] = 240
         else:
             vector = value.reshape(-1)
-            grid = vector.reshape(12, 7) if vector.size == 84 else np.repeat(vector[None, :], 4, axis=0)
-            rgb = _diverging(grid)  # a plain vector is drawn as a strip 4 pixels tall
+            shape = display_shapes.get(name)
+            rgb = _diverging(vector.reshape(shape) if shape else np.repeat(vector[None, :], 4, axis=0))
         layers.append({"name": name, "shape": list(value.shape), "png": _png(rgb)})
     return layers
 
@@ -152,6 +154,6 @@ class Predictor:
         result = {"digit": int(np.argmax(probabilities)), "confidence": max(rounded), "probabilities": rounded,
                   "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
-            result["maps"] = layer_images(explanation.maps)
+            result["maps"] = layer_images(explanation.maps, explanation.display_shapes)
         result["inference_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return result
