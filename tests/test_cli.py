@@ -91,7 +91,7 @@ def test_bf16_where_it_is_emulated_warns(mnist_dir, tmp_path):
     (["train", "--resume", "nowhere", "--lr", "0.1"], 2, "only --epochs and the host settings"),
     (["train", "--resume", "nowhere"], 1, "not a run folder"),
     (["train", "--resume", "nowhere", "--recipe", "fast"], 2, "only --epochs and the host settings"),
-    (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is a test accuracy between 0 and 1"),
+    (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is an accuracy between 0 and 1"),
     (["evaluate", "missing.safetensors"], 1, "checkpoint not found"),
     (["evaluate", "x.safetensors", "--batch-size", "0"], 2, "--batch-size must be positive"),
     (["data", "--timeout", "0"], 2, "--timeout must be positive"),

@@ -92,7 +92,8 @@ class ConsoleProgress(Callback):
         if self.bar is not None:
             self.bar.close()
         print(f"epoch {record['epoch']:>2}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"
-              f"  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+              + (f"  |  val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}" if "val_acc" in record else "")
+              + f"  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
               f"  |  lr {record['lr']:.2e}  {record['seconds']:.1f} s", flush=True)
 
 
@@ -188,8 +189,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not world.is_main:
         return 0
     m = result.metrics
+    if m["best_selected_by"] == "val_acc":
+        best = (f"best validation accuracy {m['best_val_acc']:.2%} at epoch {m['best_epoch']} "
+                f"(test accuracy there {m['best_test_acc']:.2%})")
+    else:
+        best = f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']} (chosen on the test set)"
     print(f"test accuracy {m['test_acc']:.2%} (error {m['test_error']:.2%}) after {m['epochs']} epochs; "
-          f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']}; {m['seconds']:.1f} s")
+          f"{best}; {m['seconds']:.1f} s")
     print(f"wrote {result.run_dir}/: config.json history.csv history.json curves.png metrics.json "
           "checkpoints/{last,best}.safetensors")
     return 0
@@ -228,7 +234,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         from lenet5.analysis import write_report
         from lenet5.checkpoint import load_checkpoint
-        from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
+        from lenet5.runtime import resolve_device
 
         mnist.test = mnist.test.head(args.test_samples)
         summary = write_report(load_checkpoint(args.checkpoint, resolve_device(args.device)), mnist, args.report)
@@ -283,7 +289,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.checkpoint import load_checkpoint
     from lenet5.explain import explain_digit, explain_file, plot_explanation
     from lenet5.fileio import atomic_write_bytes
-    from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
+    from lenet5.runtime import resolve_device
 
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     if (args.image is None) == (args.test_index is None):

@@ -19,7 +19,6 @@ from lenet5.data.distort import DEFAULT_RANGES
 from lenet5.data.transforms import to_model_input
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
 from lenet5.plots import plot_digit_gallery, plot_error_curves
-from lenet5.run_folder import RunFolder
 from lenet5.train import Callback, FitResult, TrainConfig, fit, resume
 
 PAPER_TEST_ERROR = {False: 0.0095, True: 0.008}  # section III.C: 0.95%, 0.8% with distortions
@@ -117,6 +116,5 @@ def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool 
         config = lecun1998_config(distortions=distortions, batch_size=batch_size, epochs=epochs, seed=seed,
                                   threads=threads, device=device)
         result = fit(config, mnist, run_dir, callbacks=callbacks)
-    config = TrainConfig.from_json(RunFolder(run_dir).config)
-    report = write_report(result, mnist, config, command=command, wall_seconds=time.perf_counter() - started)
+    report = write_report(result, mnist, result.config, command=command, wall_seconds=time.perf_counter() - started)
     return result, report
