@@ -13,6 +13,7 @@ EXPECTED_PARAMETERS = {
     "keras-lenet": 1_256_080,  # the reference notebook's summary
     "lenet5": 61_706,
     "lenet5-1998": 60_000,  # the paper, section II.B
+    "lenet5-modern": 56_210,  # within the paper's 60,000
     "slim-lenet": 21_258,
 }
 
@@ -58,7 +59,7 @@ def test_keras_lenet_starts_like_keras():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ConfigError, match="unknown model .lenet7.; choose one of: keras-lenet, lenet5, lenet5-1998"):
+    with pytest.raises(ConfigError, match="unknown model .lenet7.; choose one of: keras-lenet, lenet5, lenet5-1998, lenet5-modern"):
         create_model("lenet7")
     with pytest.raises(ConfigError, match="model 'lenet5'"):
         create_model("lenet5", widht=3)

@@ -253,6 +253,7 @@ class LeNet5_1998(DigitClassifier):
     # bf16 would round to 3 digits), and its layers are narrow anyway.
     bf16_pays = False
     display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
+    label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
     def __init__(self, j: float = 0.1):
         super().__init__()

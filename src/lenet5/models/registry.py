@@ -32,9 +32,12 @@ class DigitClassifier(nn.Module):
     # that layer means (the 1998 network's F6 is the 7x12 bitmap its RBF output compares with).
     display_shapes: dict[str, tuple[int, int]] = {}
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of a batch."""
-        return F.cross_entropy(outputs, labels)
+    # Whether `loss` takes label_smoothing (a model whose outputs are not logits says no).
+    label_smoothing_ok: bool = True
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean training loss of a batch (cross-entropy, against targets smoothed by `label_smoothing`)."""
+        return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """Scores whose argmax is the prediction and whose softmax is the class probabilities."""

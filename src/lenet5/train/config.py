@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet5.errors import ConfigError
-from lenet5.models import list_models
+from lenet5.models import list_models, model_class
 
 # Settings of the machine a run happens to use, not of the run: `--resume` may change them.
 HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
@@ -57,6 +57,11 @@ class TrainConfig:
     step_epochs: int = field(default=1, metadata=_opt("step schedule: epochs between decays"))
     gamma: float = field(default=0.1, metadata=_opt("step schedule: decay factor"))
     warmup: float = field(default=0.25, metadata=_opt("onecycle: fraction of the steps spent warming up"))
+    label_smoothing: float = field(default=0.0, metadata=_opt(
+        "cross-entropy against targets smoothed by this much, e.g. 0.1 (models with logit outputs)"))
+    ema: float = field(default=0.0, metadata=_opt(
+        "keep an exponential moving average of the weights with this decay per step, e.g. 0.999; "
+        "evaluation and checkpoints use the average (0: off; see lenet5/train/average.py)"))
     distort: bool = field(default=False, metadata=_opt(
         "random affine distortions of every training batch (the paper's, see lenet5.data.distort)"))
     eval_train: bool = field(default=False, metadata=_opt(
@@ -65,6 +70,10 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_opt("cpu, cuda, cuda:N, or auto (cuda when available)"))
     train_samples: int = field(default=0, metadata=_opt("use the first N training images (0: all 60,000)"))
     test_samples: int = field(default=0, metadata=_opt("use the first N test images (0: all 10,000)"))
+    val_split: int = field(default=0, metadata=_opt(
+        "hold out N training images (the same N for every seed) to choose the best epoch and for "
+        "--stop-at; the test set is then only measured (0: none, the test set plays the validation "
+        "set, as in the Keras recipe)"))
     eval_batch_size: int = field(default=0, metadata=_opt(
         "images per step when evaluating (0: 512 on a CPU, where it keeps the caches warm; 10,000 on a GPU)"))
     threads: int = field(default=0, metadata=_opt(
@@ -78,7 +87,8 @@ class TrainConfig:
         "run the model through torch.compile, with CUDA graphs on a GPU (on a CPU it compiles for "
         "seconds and did not pay in our measurements)"))
     stop_at: float = field(default=0.0, metadata=_opt(
-        "stop after the first epoch whose test accuracy reaches this fraction, e.g. 0.99 (0: never)"))
+        "stop after the first epoch whose validation accuracy (with --val-split; else test accuracy) "
+        "reaches this fraction, e.g. 0.99 (0: never)"))
 
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
@@ -120,7 +130,7 @@ class TrainConfig:
             if not value or value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         non_negative = {"eval_batch_size": self.eval_batch_size, "train_samples": self.train_samples, "test_samples": self.test_samples,
-                        "threads": self.threads, "weight_decay": self.weight_decay, "momentum": self.momentum,
+                        "val_split": self.val_split, "threads": self.threads, "weight_decay": self.weight_decay, "momentum": self.momentum,
                         "seed": self.seed}
         for name, value in non_negative.items():
             if value < 0:
@@ -136,9 +146,15 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if not 0 <= self.stop_at <= 1:
-            raise ConfigError(f"--stop-at is a test accuracy between 0 and 1 (e.g. 0.99), got {self.stop_at}")
+            raise ConfigError(f"--stop-at is an accuracy between 0 and 1 (e.g. 0.99), got {self.stop_at}")
         if self.eps <= 0:
             raise ConfigError(f"--eps must be positive, got {self.eps}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing and not model_class(self.model).label_smoothing_ok:
+            raise ConfigError(f"--label-smoothing needs a model with logit outputs; {self.model}'s loss is its own")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema is a decay in [0, 1), e.g. 0.999, got {self.ema}")
         if self.optimizer == "sdlm" and self.model != "lenet5-1998":
             raise ConfigError("--optimizer sdlm needs a model with a Gauss-Newton output: --model lenet5-1998")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
