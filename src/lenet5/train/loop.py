@@ -30,7 +30,7 @@ import torch
 
 from lenet5 import distributed
 from lenet5.data import MNIST, Split
-from lenet5.data.distort import random_affine
+from lenet5.data.augment import augmentation
 from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
@@ -313,7 +313,7 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
             idx = torch.arange(config.batch_size, device=device)
             governor.probe(lambda: _shadow_step(model, forward, to_model_input(train.images[idx]), train.labels[idx],
                                                 _autocast(device, precision.precision)))
-    augment = random_affine if config.distort else None
+    augment = augmentation(config.augment, distort=config.distort)
     for epoch in range(len(history), epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
