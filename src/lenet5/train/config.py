@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lenet5.data.augment import check_augment
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
 
@@ -64,6 +65,10 @@ class TrainConfig:
         "evaluation and checkpoints use the average (0: off; see lenet5/train/average.py)"))
     distort: bool = field(default=False, metadata=_opt(
         "random affine distortions of every training batch (the paper's, see lenet5.data.distort)"))
+    augment: str = field(default="none", metadata=_opt(
+        "augmentation of every training batch, on its device (lenet5.data.augment): none, robust (random "
+        "warps with elastic distortion, stroke width, low resolution, blur, contrast, noise), or ops joined "
+        "by '+' (warp, stroke_width, low_resolution, blur, contrast, noise); after --distort if both"))
     eval_train: bool = field(default=False, metadata=_opt(
         "also measure loss and error on the whole (undistorted) training set after each epoch"))
     seed: int = field(default=0, metadata=_opt("seed for initialisation and shuffling"))
@@ -143,6 +148,7 @@ class TrainConfig:
             raise ConfigError(f"--gamma must be in (0, 1], got {self.gamma}")
         if not 0 < self.warmup < 1:
             raise ConfigError(f"--warmup must be in (0, 1), got {self.warmup}")
+        check_augment(self.augment)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if not 0 <= self.stop_at <= 1:

@@ -27,7 +27,7 @@ import torch
 
 from lenet5 import distributed
 from lenet5.data import MNIST, Split
-from lenet5.data.distort import random_affine
+from lenet5.data.augment import augmentation
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
@@ -159,7 +159,7 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
     callbacks = callbacks if world.is_main else ()
     splits = _splits(config, mnist, device, world)
     step = TrainStep.build(config, device, steps_per_epoch(len(splits.train), config.batch_size), world=world,
-                           governor=governor, augment=random_affine if config.distort else None)
+                           governor=governor, augment=augmentation(config.augment, distort=config.distort))
     if world.distributed:  # distortions draw from the global generator: a different stream per rank
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     folder = RunFolder(run_dir)
