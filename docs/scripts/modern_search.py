@@ -35,6 +35,8 @@ CANDIDATES = {
     "e15-distort-noema": ["--epochs", "15", "--distort", "--ema", "0"],
     "e15-distort-nols": ["--epochs", "15", "--distort", "--label-smoothing", "0"],
     "e15-distort-lr6e-3": ["--epochs", "15", "--distort", "--lr", "6e-3"],
+    "e15-distort-wd5e-2": ["--epochs", "15", "--distort", "--weight-decay", "5e-2"],
+    "e15-distort-ema9995": ["--epochs", "15", "--distort", "--ema", "0.9995"],
     "e15-distort-b256": ["--epochs", "15", "--distort", "--batch-size", "256", "--lr", "5e-3"],
     "e15-distort-sgd": ["--epochs", "15", "--distort", "--optimizer", "sgd", "--lr", "0.1", "--nesterov"],
 }
