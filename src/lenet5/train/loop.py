@@ -39,6 +39,7 @@ from lenet5.models import DigitClassifier, count_parameters, create_model, model
 from lenet5.hardware import choose_precision, usable_cores
 from lenet5.run_folder import RunFolder, best_record
 from lenet5.runtime import environment, resolve_device
+from lenet5.train import perpattern
 from lenet5.train.config import HOST_SETTINGS, TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import SDLM, diagonal_hessian
@@ -325,9 +326,13 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
             sample = epoch_permutation(config.seed + 1, epoch, len(train))[: config.hessian_samples].to(device)
             optimizer.set_hessian(diagonal_hessian(model, train.images[sample]))
         order = epoch_permutation(config.seed, epoch, len(train)).to(device)
-        train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size, order, callbacks,
-                                            augment=augment, forward=forward, world=world,
-                                            precision=precision.precision, governor=governor)
+        if perpattern.applies(model, optimizer, config.batch_size, device, world.distributed, precision.precision):
+            train_loss, train_acc = perpattern.train_pass(model, optimizer, scheduler, train, order, callbacks,
+                                                          distort=config.distort, forward=forward, governor=governor)
+        else:
+            train_loss, train_acc = train_epoch(model, optimizer, scheduler, train, config.batch_size, order,
+                                                callbacks, augment=augment, forward=forward, world=world,
+                                                precision=precision.precision, governor=governor)
         train_seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
             raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "

@@ -95,6 +95,7 @@ def train_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train: 
         log.info("per-pattern pass on the PyTorch path (%s)", reason)
         return train_epoch(model, optimizer, scheduler, train, 1, order, callbacks, log_every,
                            random_affine if distort else None, forward=forward, governor=governor)
+    log.debug("per-pattern pass on the native path")
     return _native_pass(model, optimizer, scheduler, train, order, callbacks, distort)
 
 
