@@ -258,18 +258,23 @@ void backward_update(const Net& net, Maps& m) {
       }
     }
   }
-  // C5
+  // C5, 16 inputs at a time down all 120 units: the input gradient stays in a register.
   {
-    std::memset(m.gx4, 0, sizeof m.gx4);
+    float g5[C5];
     for (int o = 0; o < C5; ++o) {
-      const float g = m.gx5[o] * A * S * (1.0f - m.t5[o] * m.t5[o]);
-      update(net.p[B5][o], net.step[B5][o], g);
-      float* __restrict wr = net.p[W5] + o * N4;
-      const float* __restrict sr = net.step[W5] + o * N4;
-      for (int q = 0; q < N4; ++q) {
-        m.gx4[q] += wr[q] * g;
-        wr[q] -= sr[q] * (g * m.x4[q]);
+      g5[o] = m.gx5[o] * A * S * (1.0f - m.t5[o] * m.t5[o]);
+      update(net.p[B5][o], net.step[B5][o], g5[o]);
+    }
+    for (int q = 0; q < N4; q += 16) {
+      const v16 x = load(&m.x4[q]);
+      v16 gx{};
+      for (int o = 0; o < C5; ++o) {
+        float* wr = net.p[W5] + o * N4 + q;
+        const v16 w = load(wr);
+        gx += w * g5[o];
+        store(wr, w - load(net.step[W5] + o * N4 + q) * (g5[o] * x));
       }
+      store(&m.gx4[q], gx);
     }
   }
   // S4: each gradient spreads to its 2x2 block of C3 states, times the coefficient.
@@ -294,18 +299,20 @@ void backward_update(const Net& net, Maps& m) {
     update(net.p[B4][c], net.step[B4][c], gb);
   }
 
-  // C3, input gradient: a full correlation of dE/da with the flipped kernels of each pair.
+  // C3, input gradient: a full correlation of dE/da with the flipped kernels of each pair. Rows
+  // of gp3 outside [K-1, K-1+H3) are the zero border: skipped (10 of the 14 rows per kernel row).
   const float* w3 = net.p[W3];
-  std::memset(m.gx2, 0, sizeof m.gx2);
   for (int i = 0; i < C1; ++i) {
     v16 acc[H2] = {};
     for (int k = 0; k < net.pairs; ++k) {
       if (net.pair_in[k] != i) continue;
       const int o = net.pair_out[k];
+#pragma GCC unroll 5
       for (int ky = 0; ky < K; ++ky)
         for (int kx = 0; kx < K; ++kx) {
           const float w = w3[k * K * K + (K - 1 - ky) * K + (K - 1 - kx)];
-          for (int y = 0; y < H2; ++y) acc[y] += w * load(&m.gp3[o][y + ky][kx]);
+#pragma GCC unroll 10
+          for (int y = K - 1 - ky; y < K - 1 - ky + H3; ++y) acc[y] += w * load(&m.gp3[o][y + ky][kx]);
         }
     }
     for (int y = 0; y < H2; ++y) store(&m.gx2[i][y][0], acc[y]);  // lanes 14, 15 read only zeros
