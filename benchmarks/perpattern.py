@@ -10,6 +10,7 @@ best and the median of each, and the ratios.
 
     python benchmarks/perpattern.py --data-dir ../shared/mnist
     python benchmarks/perpattern.py --data-dir ../shared/mnist --threads 2 --rounds 7
+    python benchmarks/perpattern.py --data-dir ../shared/mnist --march haswell   # as on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--plain-patterns", type=int, default=600, help="patterns per round of the plain path")
     parser.add_argument("--native-patterns", type=int, default=20_000, help="patterns per round of the native pass")
+    parser.add_argument("--march", default="native", help="build the native pass for this CPU (default: this one)")
     args = parser.parse_args()
+    sdlm_pass.configure(args.march)
     torch.set_num_threads(args.threads)
     train = load_mnist(args.data_dir, download=False).train
     if not sdlm_pass.available():
         raise SystemExit(f"the native pass is unavailable: {sdlm_pass.why_unavailable()}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, native pass for -march={args.march}, "
           f"load average {os.getloadavg()[0]:.2f}")
 
     paths = {}

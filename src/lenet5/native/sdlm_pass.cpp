@@ -3,47 +3,106 @@
 // p -= step * grad with fixed per-parameter steps, all in this one C++ loop.
 //
 // Why: at one pattern per update PyTorch spends ~2 ms per pattern on per-op overhead for
-// ~1 MFLOP of arithmetic. Here a pattern is ~40 us on one core.
+// ~1 MFLOP of arithmetic. Here a pattern is ~47 us of one core (AVX-512).
 //
 // The math is lenet5/models/lenet5_1998.py's, in fp32, op for op; only the order of the sums
 // inside a convolution and the tanh approximation (a few ulp) differ, so parameters agree with
 // the PyTorch path to fp32 rounding (tests/test_perpattern.py).
 //
 // Layout: feature maps are channel-major rows padded to a multiple of 16 floats, so every
-// convolution is "row of 16 outputs += weight * row of 16 inputs" on a 16-float vector (GCC
-// vector extensions: one AVX-512 register, two AVX2 ones). Padding lanes hold finite garbage
-// in the forward maps and exact zeros in the gradient maps, where they would enter a sum.
+// convolution is "row of 16 outputs += weight * row of 16 inputs" on a `v16`: one AVX-512
+// register, two AVX2 ones or four SSE ones (GCC vector extensions of the machine's width; a
+// 64-byte vector type on a narrower machine would live in memory). Padding lanes hold finite
+// garbage in the forward maps and exact zeros in the gradient maps, where they would enter a sum.
 //
 // No ATen: a plain C ABI called through ctypes, so the build takes about a second.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <utility>
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int V = 16;
+#elif defined(__AVX__)
+constexpr int V = 8;
+#else
+constexpr int V = 4;
+#endif
+constexpr int R = 16 / V;  // machine vectors per v16
+typedef float vn __attribute__((vector_size(V * sizeof(float))));
+typedef int32_t vni __attribute__((vector_size(V * sizeof(float))));
 
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
+// Accumulators a loop keeps in registers: about 12 of the machine's 32 (AVX-512) or 16 vectors.
+constexpr int ACC = 12 / R;
 
-inline float hsum(v16 v) {
-  v += __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v += __builtin_shuffle(v, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+template <int... I>
+constexpr vni lanes(std::integer_sequence<int, I...>) { return vni{I...}; }
+constexpr vni LANE = lanes(std::make_integer_sequence<int, V>{});  // 0, 1, ..., V-1
+
+// 16 floats as R machine vectors, with the arithmetic the kernel uses.
+struct v16 {
+  vn r[R];
+};
+#define V16_OPERATOR(op)                                                                                   \
+  inline v16 operator op(v16 a, const v16& b) { for (int k = 0; k < R; ++k) a.r[k] = a.r[k] op b.r[k]; return a; } \
+  inline v16 operator op(v16 a, float b) { for (int k = 0; k < R; ++k) a.r[k] = a.r[k] op b; return a; }         \
+  inline v16 operator op(float a, v16 b) { for (int k = 0; k < R; ++k) b.r[k] = a op b.r[k]; return b; }         \
+  inline v16& operator op##=(v16& a, const v16& b) { for (int k = 0; k < R; ++k) a.r[k] = a.r[k] op b.r[k]; return a; }
+V16_OPERATOR(+)
+V16_OPERATOR(-)
+V16_OPERATOR(*)
+V16_OPERATOR(/)
+#undef V16_OPERATOR
+
+inline v16 load(const float* p) {
+  v16 v;
+  for (int k = 0; k < R; ++k) std::memcpy(&v.r[k], p + k * V, sizeof(vn));
+  return v;
+}
+inline void store(float* p, const v16& v) {
+  for (int k = 0; k < R; ++k) std::memcpy(p + k * V, &v.r[k], sizeof(vn));
+}
+inline v16 splat(float x) { v16 v; for (int k = 0; k < R; ++k) v.r[k] = vn{} + x; return v; }
+inline v16 clamp(v16 x, float c) {
+  for (int k = 0; k < R; ++k) x.r[k] = x.r[k] > c ? c : (x.r[k] < -c ? -c : x.r[k]);
+  return x;
+}
+// Lanes n..15 set to 0.
+inline v16 first(v16 x, int n) {
+  for (int k = 0; k < R; ++k) x.r[k] = LANE + k * V < n ? x.r[k] : vn{};
+  return x;
+}
+
+inline float hsum(const v16& x) {
+  vn v = x.r[0];
+  for (int k = 1; k < R; ++k) v += x.r[k];
+  for (int half = V / 2; half > 0; half /= 2) v += __builtin_shuffle(v, LANE ^ half);
   return v[0];
 }
 
-const v16i LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+// The even and the odd floats of the 32 in (a, b): 16 of each.
+inline void deinterleave(const v16& a, const v16& b, v16& even, v16& odd) {
+  vn q[2 * R];
+  for (int k = 0; k < R; ++k) q[k] = a.r[k], q[R + k] = b.r[k];
+  for (int k = 0; k < R; ++k) {
+    even.r[k] = __builtin_shuffle(q[2 * k], q[2 * k + 1], LANE * 2);
+    odd.r[k] = __builtin_shuffle(q[2 * k], q[2 * k + 1], LANE * 2 + 1);
+  }
+}
+
+// Each of the 16 floats of x twice: 32 floats as (lo, hi).
+inline void duplicate(const v16& x, v16& lo, v16& hi) {
+  vn out[2 * R];
+  for (int m = 0; m < 2 * R; ++m) out[m] = __builtin_shuffle(x.r[m / 2], LANE / 2 + (m % 2) * (V / 2));
+  for (int k = 0; k < R; ++k) lo.r[k] = out[k], hi.r[k] = out[R + k];
+}
 
 // tanh as Eigen's rational approximation (as conv_tanh_pool.cpp): a few ulp from std::tanh.
 inline v16 vtanh(v16 x) {
-  const v16 c = splat(7.90531110763549805f);
-  x = x > c ? c : x;
-  x = x < -c ? -c : x;
+  x = clamp(x, 7.90531110763549805f);
   const v16 x2 = x * x;
   v16 p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = p * x2 + -8.60467152213735e-11f;
@@ -105,58 +164,59 @@ void forward(const Net& net, const float* image, Maps& m) {
       m.in[y][x] = (inside ? image[(y - 2) * 28 + x - 2] : 0.0f) * scale + shift;
     }
 
-  // C1: 6 maps, 32 lanes per row (2 vectors), all 6 maps at once so each input row is loaded once.
+  // C1: 32 lanes per row (2 v16), OB maps at once so each input row is loaded once per OB maps.
+  constexpr int OB = ACC / 2 >= C1 ? C1 : ACC / 2 >= 3 ? 3 : 1;
   const float *w1 = net.p[W1], *b1 = net.p[B1];
-  for (int y = 0; y < H1; ++y) {
-    v16 acc[C1][2];
-    for (int o = 0; o < C1; ++o) acc[o][0] = acc[o][1] = splat(b1[o]);
-    for (int ky = 0; ky < K; ++ky)
-      for (int kx = 0; kx < K; ++kx) {
-        const v16 lo = load(&m.in[y + ky][kx]), hi = load(&m.in[y + ky][kx + 16]);
-        for (int o = 0; o < C1; ++o) {
-          const float w = w1[o * K * K + ky * K + kx];
-          acc[o][0] += w * lo;
-          acc[o][1] += w * hi;
+  for (int o0 = 0; o0 < C1; o0 += OB)
+    for (int y = 0; y < H1; ++y) {
+      v16 acc[OB][2];
+      for (int o = 0; o < OB; ++o) acc[o][0] = acc[o][1] = splat(b1[o0 + o]);
+      for (int ky = 0; ky < K; ++ky)
+        for (int kx = 0; kx < K; ++kx) {
+          const v16 lo = load(&m.in[y + ky][kx]), hi = load(&m.in[y + ky][kx + 16]);
+          for (int o = 0; o < OB; ++o) {
+            const float w = w1[(o0 + o) * K * K + ky * K + kx];
+            acc[o][0] += w * lo;
+            acc[o][1] += w * hi;
+          }
         }
+      for (int o = 0; o < OB; ++o) {
+        store(&m.t1[o0 + o][y][0], vtanh(acc[o][0] * S));
+        store(&m.t1[o0 + o][y][16], vtanh(acc[o][1] * S));
       }
-    for (int o = 0; o < C1; ++o) {
-      store(&m.t1[o][y][0], vtanh(acc[o][0] * S));
-      store(&m.t1[o][y][16], vtanh(acc[o][1] * S));
     }
-  }
 
   // S2: the sum of each 2x2 block of states, times a coefficient, plus a bias, per map.
-  const v16i even = LANE * 2, odd = LANE * 2 + 1;
   for (int c = 0; c < C1; ++c)
     for (int y = 0; y < H2; ++y) {
-      const v16 r0a = A * load(&m.t1[c][2 * y][0]), r0b = A * load(&m.t1[c][2 * y][16]);
-      const v16 r1a = A * load(&m.t1[c][2 * y + 1][0]), r1b = A * load(&m.t1[c][2 * y + 1][16]);
-      v16 sum = __builtin_shuffle(r0a, r0b, even) + __builtin_shuffle(r0a, r0b, odd);
-      sum = sum + __builtin_shuffle(r1a, r1b, even);
-      sum = sum + __builtin_shuffle(r1a, r1b, odd);
-      sum = LANE < H2 ? sum : v16{};
+      v16 e0, o0, e1, o1;
+      deinterleave(A * load(&m.t1[c][2 * y][0]), A * load(&m.t1[c][2 * y][16]), e0, o0);
+      deinterleave(A * load(&m.t1[c][2 * y + 1][0]), A * load(&m.t1[c][2 * y + 1][16]), e1, o1);
+      const v16 sum = first(((e0 + o0) + e1) + o1, H2);
       const v16 t = vtanh((sum * net.p[W2][c] + net.p[B2][c]) * S);
       store(&m.sum2[c][y][0], sum);
       store(&m.t2[c][y][0], t);
-      store(&m.x2[c][y][0], LANE < H2 ? A * t : v16{});
+      store(&m.x2[c][y][0], first(A * t, H2));
     }
 
-  // C3: each map o sums the 5x5 correlations of the S2 maps of its row of Table I; 10 rows at once.
+  // C3: each map o sums the 5x5 correlations of the S2 maps of its row of Table I; YB rows at once.
+  constexpr int YB = ACC >= H3 ? H3 : ACC >= 5 ? 5 : 2;
   const float *w3 = net.p[W3], *b3 = net.p[B3];
-  for (int o = 0; o < C3; ++o) {
-    v16 acc[H3];
-    for (int y = 0; y < H3; ++y) acc[y] = splat(b3[o]);
-    for (int k = 0; k < net.pairs; ++k) {
-      if (net.pair_out[k] != o) continue;
-      const int i = net.pair_in[k];
-      for (int ky = 0; ky < K; ++ky)
-        for (int kx = 0; kx < K; ++kx) {
-          const float w = w3[k * K * K + ky * K + kx];
-          for (int y = 0; y < H3; ++y) acc[y] += w * load(&m.x2[i][y + ky][kx]);
-        }
+  for (int o = 0; o < C3; ++o)
+    for (int y0 = 0; y0 < H3; y0 += YB) {
+      v16 acc[YB];
+      for (int y = 0; y < YB; ++y) acc[y] = splat(b3[o]);
+      for (int k = 0; k < net.pairs; ++k) {
+        if (net.pair_out[k] != o) continue;
+        const int i = net.pair_in[k];
+        for (int ky = 0; ky < K; ++ky)
+          for (int kx = 0; kx < K; ++kx) {
+            const float w = w3[k * K * K + ky * K + kx];
+            for (int y = 0; y < YB; ++y) acc[y] += w * load(&m.x2[i][y0 + y + ky][kx]);
+          }
+      }
+      for (int y = 0; y < YB; ++y) store(&m.t3[o][y0 + y][0], vtanh(acc[y] * S));
     }
-    for (int y = 0; y < H3; ++y) store(&m.t3[o][y][0], vtanh(acc[y] * S));
-  }
 
   // S4, laid out as C5's input: map-major 5x5 (the flattening of (16, 5, 5)).
   for (int c = 0; c < C3; ++c)
@@ -182,7 +242,7 @@ void forward(const Net& net, const float* image, Maps& m) {
     m.t5[o] = hsum(acc) + b5[o];
   }
   for (int o = 0; o < 128; o += 16) {
-    const v16 t = LANE + o < C5 ? vtanh(load(&m.t5[o]) * S) : v16{};
+    const v16 t = first(vtanh(load(&m.t5[o]) * S), C5 - o);
     store(&m.t5[o], t);
     store(&m.x5[o], A * t);
   }
@@ -196,7 +256,7 @@ void forward(const Net& net, const float* image, Maps& m) {
     m.t6[k] = hsum(acc) + tail + b6[k];
   }
   for (int k = 0; k < 96; k += 16) {
-    const v16 t = LANE + k < F6 ? vtanh(load(&m.t6[k]) * S) : v16{};
+    const v16 t = first(vtanh(load(&m.t6[k]) * S), F6 - k);
     store(&m.t6[k], t);
     store(&m.x6[k], A * t);
   }
@@ -299,24 +359,30 @@ void backward_update(const Net& net, Maps& m) {
     update(net.p[B4][c], net.step[B4][c], gb);
   }
 
-  // C3, input gradient: a full correlation of dE/da with the flipped kernels of each pair. Rows
-  // of gp3 outside [K-1, K-1+H3) are the zero border: skipped (10 of the 14 rows per kernel row).
+  // C3, input gradient: a full correlation of dE/da with the flipped kernels of each pair, YB
+  // rows at once. Rows of gp3 outside [K-1, K-1+H3) are the zero border: skipped.
+  constexpr int YB = ACC >= H2 ? H2 : ACC >= 7 ? 7 : 2;
   const float* w3 = net.p[W3];
-  for (int i = 0; i < C1; ++i) {
-    v16 acc[H2] = {};
-    for (int k = 0; k < net.pairs; ++k) {
-      if (net.pair_in[k] != i) continue;
-      const int o = net.pair_out[k];
+  for (int i = 0; i < C1; ++i)
+#pragma GCC unroll 7
+    for (int y0 = 0; y0 < H2; y0 += YB) {
+      v16 acc[YB] = {};
+      for (int k = 0; k < net.pairs; ++k) {
+        if (net.pair_in[k] != i) continue;
+        const int o = net.pair_out[k];
 #pragma GCC unroll 5
-      for (int ky = 0; ky < K; ++ky)
-        for (int kx = 0; kx < K; ++kx) {
-          const float w = w3[k * K * K + (K - 1 - ky) * K + (K - 1 - kx)];
-#pragma GCC unroll 10
-          for (int y = K - 1 - ky; y < K - 1 - ky + H3; ++y) acc[y] += w * load(&m.gp3[o][y + ky][kx]);
-        }
+        for (int ky = 0; ky < K; ++ky)
+          for (int kx = 0; kx < K; ++kx) {
+            const float w = w3[k * K * K + (K - 1 - ky) * K + (K - 1 - kx)];
+#pragma GCC unroll 14
+            for (int y = 0; y < YB; ++y) {
+              const int row = y0 + y + ky;
+              if (row >= K - 1 && row < K - 1 + H3) acc[y] += w * load(&m.gp3[o][row][kx]);
+            }
+          }
+      }
+      for (int y = 0; y < YB; ++y) store(&m.gx2[i][y0 + y][0], acc[y]);  // lanes 14, 15 read only zeros
     }
-    for (int y = 0; y < H2; ++y) store(&m.gx2[i][y][0], acc[y]);  // lanes 14, 15 read only zeros
-  }
   // C3, weights and biases.
   for (int o = 0; o < C3; ++o) {
     v16 gb{};
@@ -338,7 +404,6 @@ void backward_update(const Net& net, Maps& m) {
   }
 
   // S2: each gradient spreads to its 2x2 block of C1 states.
-  const v16i lo = LANE / 2, hi = LANE / 2 + 8;
   for (int c = 0; c < C1; ++c) {
     const float w = net.p[W2][c];
     v16 gw{}, gb{};
@@ -348,7 +413,8 @@ void backward_update(const Net& net, Maps& m) {
       gw += g * load(&m.sum2[c][y][0]);
       gb += g;
       const v16 gs = g * w;
-      const v16 up0 = __builtin_shuffle(gs, lo), up1 = __builtin_shuffle(gs, hi);
+      v16 up0, up1;
+      duplicate(gs, up0, up1);
       for (int dy = 0; dy < 2; ++dy) {
         const int r = 2 * y + dy;
         store(&m.ga1[c][r][0], squash_grad(up0, load(&m.t1[c][r][0])));

@@ -38,18 +38,24 @@ def _library() -> ctypes.CDLL | None:
             _state["error"] = "disabled by LENET5_NATIVE=0"
             return None
         try:
-            lib = ctypes.CDLL(str(library(_state.get("march", "native"), source=SOURCE, torch_ops=False)))
-            if lib.lenet5_sdlm_pass_abi() != ABI:
-                raise BuildError(f"the compiled per-pattern pass has interface {lib.lenet5_sdlm_pass_abi()}, not {ABI}")
-            lib.lenet5_sdlm_pass.restype = ctypes.c_int64
-            lib.lenet5_sdlm_pass.argtypes = [
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, _ptr_p, _ptr_p, ctypes.c_void_p,
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
-            _state["lib"] = lib
+            _state["lib"] = load(_state.get("march", "native"))  # type: ignore[arg-type]
         except (BuildError, OSError, AttributeError) as e:
             _state["error"] = str(e)
             log.warning("native per-pattern pass unavailable (%s); falling back to the PyTorch path", e)
         return _state.get("lib")  # type: ignore[return-value]
+
+
+def load(march: str = "native") -> ctypes.CDLL:
+    """The pass built for `march` (once, then cached) and loaded; BuildError or OSError if impossible.
+    `run` uses the one for this CPU (or `configure`'s); another is for comparisons."""
+    lib = ctypes.CDLL(str(library(march, source=SOURCE, torch_ops=False)))
+    if lib.lenet5_sdlm_pass_abi() != ABI:
+        raise BuildError(f"the compiled per-pattern pass has interface {lib.lenet5_sdlm_pass_abi()}, not {ABI}")
+    lib.lenet5_sdlm_pass.restype = ctypes.c_int64
+    lib.lenet5_sdlm_pass.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, _ptr_p, _ptr_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
 
 
 def available() -> bool:
@@ -73,14 +79,16 @@ def configure(march: str) -> None:
 
 
 def run(images: torch.Tensor, labels: torch.Tensor, params: list[torch.Tensor], steps: list[torch.Tensor],
-        prototypes: torch.Tensor, pairs: torch.Tensor, j: float) -> tuple[torch.Tensor, torch.Tensor]:
+        prototypes: torch.Tensor, pairs: torch.Tensor, j: float,
+        lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Train on `images` (n, 28, 28) float32 in [0, 1] in order, one SDLM update per pattern, updating
     `params` (the model's 12 tensors, contiguous float32) in place with `steps` (same shapes).
     `pairs` (k, 2) int32: C3's (output map, input map) per kernel. Returns each pattern's loss
-    (float32) and whether it was classified correctly before its update (bool).
+    (float32) and whether it was classified correctly before its update (bool). `lib`: a `load`ed
+    build to use instead of this CPU's.
 
     The caller (lenet5.train.perpattern) checks shapes against the model; this checks memory."""
-    lib = _library()
+    lib = lib or _library()
     if lib is None:
         raise RuntimeError(f"the native per-pattern pass is unavailable: {why_unavailable()}")
     tensors = [images, labels, prototypes, pairs, *params, *steps]

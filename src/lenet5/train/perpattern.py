@@ -103,12 +103,7 @@ def _native_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train
                  callbacks: Sequence, distort: bool) -> tuple[float, float]:
     model.train()
     params = list(model.parameters())
-    step_sizes = optimizer.step_sizes()
-    work = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
-    steps = [step_sizes[p].to(torch.float32).contiguous() for p in params]
-    prototypes = model.output.prototypes.to(torch.float32).contiguous()
-    slots = model.C3.slots
-    pairs = torch.stack([slots // model.C3.in_maps, slots % model.C3.in_maps], 1).to(torch.int32).contiguous()
+    work, steps, prototypes, pairs = kernel_arguments(model, optimizer)
     labels = train.labels.to(torch.int64)
     if int(labels.min()) < 0 or int(labels.max()) > 9:
         raise DataError("the training labels must be digits 0-9")
@@ -132,6 +127,20 @@ def _native_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train
                 p.copy_(w)
         _advance(optimizer, scheduler, seen)
     return loss_sum / seen, correct / seen
+
+
+def kernel_arguments(model: LeNet5_1998, optimizer: SDLM) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                    torch.Tensor, torch.Tensor]:
+    """What `sdlm_pass.run` takes from the model and optimizer: contiguous copies of the parameters
+    (updated in place by the pass), their step sizes, the RBF prototypes and C3's kernel pairs."""
+    step_sizes = optimizer.step_sizes()
+    params = list(model.parameters())
+    work = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+    steps = [step_sizes[p].to(torch.float32).contiguous() for p in params]
+    prototypes = model.output.prototypes.to(torch.float32).contiguous()
+    slots = model.C3.slots
+    pairs = torch.stack([slots // model.C3.in_maps, slots % model.C3.in_maps], 1).to(torch.int32).contiguous()
+    return work, steps, prototypes, pairs
 
 
 def _lr_constant(optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> bool:
