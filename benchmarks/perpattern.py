@@ -16,6 +16,7 @@ best and the median of each, and the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -26,8 +27,7 @@ from lenet5.data import load_mnist
 from lenet5.models import create_model
 from lenet5.native import sdlm_pass
 from lenet5.reproduce import ETA_PER_SAMPLE
-from lenet5.train import TrainConfig, train_epoch
-from lenet5.train import perpattern
+from lenet5.train import TrainConfig, perpattern, train_epoch
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import diagonal_hessian
 
@@ -64,8 +64,8 @@ def main() -> None:
     train = load_mnist(args.data_dir, download=False).train
     if not sdlm_pass.available():
         raise SystemExit(f"the native pass is unavailable: {sdlm_pass.why_unavailable()}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, native pass for -march={args.march}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
+          f"native pass for -march={args.march}, load average {os.getloadavg()[0]:.2f}")
 
     paths = {}
     for name, batch in (("plain", 1), ("native", 1), ("mini-batch 16", 16)):
@@ -77,12 +77,11 @@ def main() -> None:
         for name, (model, optimizer, scheduler, batch) in paths.items():
             n = args.native_patterns if name == "native" else args.plain_patterns * (8 if batch > 1 else 1)
             order = torch.randperm(len(train), generator=generator)[:n]
-            if name == "native":
-                run = lambda: perpattern.train_pass(model, optimizer, scheduler, train, order, native=True)  # noqa: E731
-            elif name == "plain":
-                run = lambda: perpattern.train_pass(model, optimizer, scheduler, train, order, native=False)  # noqa: E731
+            if batch == 1:
+                run = functools.partial(perpattern.train_pass, model, optimizer, scheduler, train, order,
+                                        native=name == "native")
             else:
-                run = lambda: train_epoch(model, optimizer, scheduler, train, batch, order)  # noqa: E731
+                run = functools.partial(train_epoch, model, optimizer, scheduler, train, batch, order)
             rates[name].append(timed(run, n))
 
     def summary(values: list[float]) -> str:

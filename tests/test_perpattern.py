@@ -18,8 +18,7 @@ from lenet5.models import create_model
 from lenet5.native import sdlm_pass
 from lenet5.native.build import BuildError, compiler
 from lenet5.reproduce import ETA_PER_SAMPLE
-from lenet5.train import Callback, TrainConfig, fit, resume
-from lenet5.train import perpattern
+from lenet5.train import Callback, TrainConfig, fit, perpattern, resume
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import diagonal_hessian
 

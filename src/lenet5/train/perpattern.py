@@ -32,6 +32,7 @@ from lenet5.errors import DataError
 from lenet5.models.lenet5_1998 import LeNet5_1998
 from lenet5.native import sdlm_pass
 from lenet5.train.sdlm import SDLM
+from lenet5.train.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,16 @@ def why_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 def train_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train: Split, order: torch.Tensor,
                callbacks: Sequence = (), *, distort: bool = False, log_every: int = 50,
-               forward: Callable[[torch.Tensor], torch.Tensor] | None = None, governor=None,
-               native: bool | None = None) -> tuple[float, float]:
+               forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               governor: ThreadGovernor | None = None, native: bool | None = None) -> tuple[float, float]:
     """One pass of per-pattern SDLM over `train` in the given order; returns the running mean loss
     and accuracy, as `train_epoch` at batch size 1 does, and leaves the same state behind.
 
     `native`: None picks the native pass when it can run (`why_plain`), False forces the plain
     path, True requires the native one. `forward` and `governor` are passed to the plain path."""
     if order.dim() != 1 or order.dtype != torch.int64 or len(order) == 0:
-        raise DataError(f"the pass's order must be a non-empty 1-D int64 tensor, not {order.dtype} {tuple(order.shape)}")
+        raise DataError(f"the pass's order must be a non-empty 1-D int64 tensor, "
+                        f"not {order.dtype} {tuple(order.shape)}")
     if train.images.dim() != 3 or train.images.shape[1:] != (28, 28) or train.images.dtype != torch.uint8:
         raise DataError(f"per-pattern training needs uint8 (N, 28, 28) images, not {train.images.dtype} "
                         f"{tuple(train.images.shape)}")
