@@ -35,6 +35,7 @@ from lenet5.hardware import usable_cores
 from lenet5.models import DigitClassifier, count_parameters
 from lenet5.run_folder import RunFolder, best_record, selection_key
 from lenet5.runtime import environment, resolve_device
+from lenet5.train import perpattern
 from lenet5.train.config import HOST_SETTINGS, TrainConfig
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import capture_train_state, restore_rng
@@ -281,7 +282,12 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
         sample = epoch_permutation(config.seed + 1, epoch, len(train))[: config.hessian_samples].to(device)
         step.optimizer.set_hessian(diagonal_hessian(step.model, train.images[sample]))
     order = epoch_permutation(config.seed, epoch, len(train)).to(device)
-    train_loss, train_acc = train_epoch(step, train, config.batch_size, order, callbacks)
+    if perpattern.applies(step.model, step.optimizer, config.batch_size, device, step.world.distributed,
+                          step.precision.precision):
+        # The paper's one update per pattern, in one native loop per pass (lenet5.train.perpattern).
+        train_loss, train_acc = perpattern.train_pass(step, train, order, callbacks, distort=config.distort)
+    else:
+        train_loss, train_acc = train_epoch(step, train, config.batch_size, order, callbacks)
     train_seconds = time.perf_counter() - started
     if not math.isfinite(train_loss):
         raise TrainingError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
