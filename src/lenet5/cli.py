@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import typing
 from datetime import datetime
@@ -28,7 +29,8 @@ from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
 from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
-from lenet5.train import Callback, TrainConfig, fit, resume
+from lenet5.fileio import atomic_write_text
+from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
 from lenet5.train.config import HOST_SETTINGS, RECIPES
 
 OFFLINE_ENV = "LENET5_OFFLINE"
@@ -204,6 +206,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.epochs <= 0:
         raise ConfigError("--batch-size and --epochs must be positive")
+    if args.seeds <= 0 or args.jobs <= 0:
+        raise ConfigError("--seeds and --jobs must be positive")
+    if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
+        return _reproduce_seeds(args)
     mode = "distortions" if args.distortions else "plain"
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
     if args.resume:
@@ -219,6 +225,67 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     paper = PAPER_TEST_ERROR[bool(args.distortions)]
     print(f"test error {m['test_error']:.2%} after {m['epochs']} passes (paper: {paper:.2%}); report: {report}")
     return 0
+
+
+SEEDS_FILE = "seeds.json"  # marks a folder of per-seed reproductions, and says how to continue it
+
+
+def _reproduce_seeds(args: argparse.Namespace) -> int:
+    """--seeds N: one reproduction per seed in FOLDER/seed-K (run as child processes, --jobs at a time,
+    each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lenet5.reproduce import write_seed_summary
+
+    if args.resume:
+        parent = args.resume
+        plan = json.loads((parent / SEEDS_FILE).read_text())
+    else:
+        mode = "distortions" if args.distortions else "plain"
+        parent = args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}-{args.seeds}-seeds")
+        if parent.exists() and any(parent.iterdir()):
+            raise ConfigError(f"{parent}: already exists and is not empty; choose another --name, or continue "
+                              f"it with --resume {parent}")
+        plan = {"seeds": list(range(args.seed, args.seed + args.seeds)), "distortions": args.distortions,
+                "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
+                "threads": args.threads or (1 if args.jobs > 1 else 0)}
+        parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(parent / SEEDS_FILE, json.dumps(plan, indent=2) + "\n")
+    data_dir = load_data(args).root  # fetched and verified once; the children read it offline
+    command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
+
+    def one(seed: int) -> tuple[int, str]:
+        run_dir = parent / f"seed-{seed}"
+        child = [sys.executable, "-m", "lenet5", "reproduce", "lecun1998", "--quiet", "--offline",
+                 "--data-dir", str(data_dir)]
+        if (run_dir / "report.md").is_file():
+            return seed, "done before"
+        if RunFolder(run_dir).holds_run():
+            child += ["--resume", str(run_dir)]
+        else:
+            child += ["--seed", str(seed), "--out-dir", str(parent), "--name", run_dir.name,
+                      "--batch-size", str(plan["batch_size"]), "--epochs", str(plan["epochs"]),
+                      "--device", plan["device"], "--threads", str(plan["threads"])]
+            child += ["--distortions"] if plan["distortions"] else []
+        done = subprocess.run(child, capture_output=True, text=True)
+        lines = (done.stdout if done.returncode == 0 else done.stderr or done.stdout).strip().splitlines()
+        return seed, ("" if done.returncode == 0 else "failed: ") + (lines[-1] if lines else f"exit {done.returncode}")
+
+    failed = False
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for seed, outcome in pool.map(one, plan["seeds"]):
+            print(f"seed {seed}: {outcome}", flush=True)
+            failed |= outcome.startswith("failed")
+    finished = {k: parent / f"seed-{k}" for k in plan["seeds"] if (parent / f"seed-{k}" / "report.md").is_file()}
+    if not finished:
+        raise TrainingError(f"{parent}: no seed finished")
+    summary = write_seed_summary(parent, finished, distortions=plan["distortions"], command=command)
+    print(f"test error over {summary['seeds']} seeds: {summary['mean']:.2%} +- {summary['sd']:.2%} "
+          f"(min {summary['min']:.2%}, max {summary['max']:.2%}; paper {summary['paper_test_error']:.2%}); "
+          f"summary: {parent / 'summary.md'}")
+    if failed:
+        print(f"some seeds did not finish; continue them with: lenet5 reproduce lecun1998 --resume {parent}")
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -437,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="patterns per update (default: 1, the paper's, by a native per-pattern pass on CPU; "
                           "16 for the mini-batch variant with the rate scaled by 16)")
     rep.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20, as the paper)")
-    rep.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    rep.add_argument("--seed", type=int, default=0, help="seed (default: 0); the first of --seeds")
+    rep.add_argument("--seeds", type=int, default=1, help="run this many seeds (--seed, --seed+1, ...) into "
+                     "FOLDER/seed-K and summarise them: mean +- sd and min-max of the test error (default: 1)")
+    rep.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds trained at once, each on one thread "
+                     "unless --threads says otherwise (per-pattern training uses one core)")
     rep.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's)")
     rep.add_argument("--device", default="auto",
                      help="cpu, cuda, cuda:N or auto (default: auto; the CPU when --batch-size is 1)")

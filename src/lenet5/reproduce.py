@@ -10,6 +10,8 @@ after every pass, then writes `report.md`, `error_curves.png` (cf. the paper's F
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -122,3 +124,53 @@ def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool 
         result = fit(config, mnist, run_dir, callbacks=callbacks)
     report = write_report(result, mnist, result.config, command=command, wall_seconds=time.perf_counter() - started)
     return result, report
+
+
+def seed_statistics(test_errors: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max of per-seed test errors."""
+    values = list(test_errors)
+    return {"seeds": len(values), "mean": statistics.mean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool, command: str) -> dict[str, Any]:
+    """summary.md and summary.json beside the per-seed run folders: each seed's final test error and
+    training error, then mean +- sd and min-max over the seeds next to the paper's figure."""
+    rows, errors = [], []
+    for seed, run_dir in sorted(runs.items()):
+        history = json.loads((run_dir / "history.json").read_text())
+        final = history[-1]
+        errors.append(1 - final["test_acc"])
+        rows.append({"seed": seed, "run": run_dir.name, "passes": len(history), "test_error": 1 - final["test_acc"],
+                     "train_error": 1 - final["train_eval_acc"] if "train_eval_acc" in final else None,
+                     "seconds": sum(r["seconds"] for r in history)})
+    stats = seed_statistics(errors)
+    paper = PAPER_TEST_ERROR[distortions]
+    summary = {"recipe": "lecun1998", "distortions": distortions, "paper_test_error": paper, **stats, "runs": rows,
+               "command": command}
+    atomic_write_text(parent / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def percent(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}%"
+
+    table = "\n".join(f"| {r['seed']} | {r['passes']} | {percent(r['test_error'])} | {percent(r['train_error'])} | "
+                      f"{r['seconds'] / 60:.1f} |" for r in rows)
+    verdict = "at or below" if stats["mean"] <= paper + 1e-12 else "above"
+    text = f"""# LeNet-5 (1998) reproduction{' with distortions' if distortions else ''}: {len(rows)} seeds
+
+```sh
+{command}
+```
+
+Test error over {len(rows)} seeds: **{100 * stats['mean']:.2f}% +- {100 * stats['sd']:.2f}** (mean +- sample sd),
+min {100 * stats['min']:.2f}%, max {100 * stats['max']:.2f}%; the paper: {100 * paper:.2f}% (one run). The mean is
+{verdict} the paper's figure.
+
+| seed | passes | test error | training error | minutes |
+|---:|---:|---:|---:|---:|
+{table}
+
+Each seed's run folder holds its report.md, curves and misclassified digits.
+"""
+    atomic_write_text(parent / "summary.md", text)
+    return summary
