@@ -119,11 +119,12 @@ def _owner(sha256: str, content: str | None) -> str:
     return ""
 
 
-def _content_or_none(path: Path) -> str | None:
+def _content(path: Path) -> tuple[str | None, str]:
+    """(SHA-256 of the IDX content, "") or (None, why it could not be read)."""
     try:
-        return content_sha256(path)
-    except DataError:
-        return None
+        return content_sha256(path), ""
+    except DataError as e:
+        return None, str(e).removeprefix(f"{path.name}: ")
 
 
 def verify_file(path: Path, file: DataFile) -> str:
@@ -135,21 +136,21 @@ def verify_file(path: Path, file: DataFile) -> str:
         sha256, md5 = file_digests(path)
         if (file.sha256 is None or sha256 == file.sha256) and (file.md5 is None or md5 == file.md5):
             return f"{'sha256' if file.sha256 else 'md5'} ok"
+    content, problem = None, ""
     if file.content_sha256:
-        content = _content_or_none(path)
+        content, problem = _content(path)
         if content == file.content_sha256:
             return "content sha256 ok" + (" (not the published compression)" if compressed and file.sha256 else "")
     elif not (file.sha256 or file.md5):
         return "no published checksum: checked by its structure"
     elif not compressed:
         return "uncompressed copy (no published checksum): checked by its structure"
-    else:
-        content = None
     again = "delete it and run `lenet5 data` to download it again"
+    why = f" ({problem})" if problem else ""
     if compressed and file.size is not None and size != file.size and content is None:
-        raise DataError(f"{path}: {size} bytes, expected {file.size}: truncated or not the published file; {again}")
+        raise DataError(f"{path}: {size} bytes, expected {file.size}: truncated or not the published file{why}; {again}")
     owner = _owner(sha256_of(path), content)
-    raise DataError(f"{path}: checksum mismatch (differs from the published file{owner}); "
+    raise DataError(f"{path}: checksum mismatch (differs from the published file{owner}){why}; "
                     f"is it the right folder for this data set? Else {again}")
 
 
@@ -184,7 +185,7 @@ def fetch_files(spec: DatasetSpec, data_dir: str | os.PathLike | None = None, *,
                 path = archive.extract(spec.archive, file.name, root, resolve_mirrors(spec, mirrors),
                                        timeout=timeout, retries=retries, progress=progress)
             else:
-                accept = (lambda tmp, f=file: _content_or_none(tmp) == f.content_sha256) if file.content_sha256 else None
+                accept = (lambda tmp, f=file: _content(tmp)[0] == f.content_sha256) if file.content_sha256 else None
                 path = download_file(file.name, file.size, file.sha256, root, resolve_mirrors(spec, mirrors),
                                      md5=file.md5, accept=accept, max_bytes=MAX_DATA_BYTES, timeout=timeout,
                                      retries=retries, progress=progress)
@@ -253,6 +254,9 @@ def load_dataset(name: str = "mnist", data_dir: str | os.PathLike | None = None,
         images, labels = (arrays[f.name] for f in spec.files if f.split == split)
         if len(images) != len(labels):
             raise DataError(f"{spec.title}: {len(images)} {split} images but {len(labels)} labels")
+        if spec.classes and len(labels) and labels.max() >= len(spec.classes):  # checked here too: after a cache hit
+            name = next(f.name for f in spec.files if f.split == split and f.kind == "labels")
+            raise DataError(f"{name}: label {int(labels.max())} is not a class 0-{len(spec.classes) - 1}")
         splits[split] = Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
     classes = spec.classes
     if not classes:  # an idx: folder without classes.txt: the label numbers
@@ -261,3 +265,15 @@ def load_dataset(name: str = "mnist", data_dir: str | os.PathLike | None = None,
     root = Path(spec.folder) if spec.name.startswith(IDX_PREFIX) else resolve_data_dir(data_dir, name)
     return Dataset(train=splits["train"], test=splits["test"], root=root, name=name, classes=classes,
                    named=spec.named, spec=spec)
+
+
+def check_files(data: Dataset) -> list[tuple[Path, str]]:
+    """Each file of a loaded data set, verified again in full: (path, how it was verified)."""
+    spec = data.spec or dataset_spec(data.name)
+    root = Path(spec.folder) if spec.name.startswith(IDX_PREFIX) else data.root
+    rows = []
+    for file in spec.files:
+        path = _local_copy(root, file) if root else None
+        if path is not None:
+            rows.append((path, verify_file(path, file)))
+    return rows

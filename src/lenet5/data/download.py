@@ -68,7 +68,8 @@ def _fetch_once(url: str, tmp: Path, name: str, size: int | None, sha256: str | 
     if published or (accept is not None and accept(tmp)):
         return
     if size is not None and done < size:
-        raise OSError(f"truncated: expected {size} bytes, got {done}")
+        raise OSError(f"truncated: expected {size} bytes, got {done}" + ("; nor is its content the published one"
+                                                                         if accept is not None else ""))
     kind, want, got = ("sha256", sha256, digest.hexdigest()) if sha256 else ("md5", md5, md5_digest.hexdigest())
     raise _Permanent(f"checksum mismatch: expected {kind} {str(want)[:12]}..., got {got[:12]}...")
 

@@ -88,7 +88,7 @@ class _Source:
             raise DataError(f"{path.name}: empty file")
         if _looks_like_html(head):
             self.close()
-            raise DataError(f"{path.name}: is an HTML page, not MNIST data (a failed download saved as data?)")
+            raise DataError(f"{path.name}: is an HTML page, not IDX data (a failed download saved as data?)")
         self.gzipped = head[:2] == GZIP_SIGNATURE
         if not self.gzipped and path.suffix == ".gz" and head[:2] != b"\x00\x00":
             self.close()

@@ -29,9 +29,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lenet5 import distributed
-from lenet5.data import MNIST, Split
+from lenet5.data import Dataset, Split
+from lenet5.data.catalog import canonical_name
 from lenet5.data.distort import random_affine
-from lenet5.data.transforms import to_model_input
+from lenet5.data.transforms import compose, random_hflip, to_model_input
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
@@ -207,9 +208,9 @@ def _summary(config: TrainConfig, model: DigitClassifier, history: list[dict[str
     }
 
 
-def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Sequence[Callback] = (),
+def fit(config: TrainConfig, data: Dataset, run_dir: str | Path, *, callbacks: Sequence[Callback] = (),
         resume: bool = False) -> FitResult:
-    """Train `config` on `mnist`, writing the run folder after every epoch.
+    """Train `config` on `data` (the data set `config.dataset` names), writing the run folder after every epoch.
 
     A new run refuses a folder that already holds one (ConfigError). With ``resume=True`` the run
     continues from ``run_dir``'s last committed epoch (weights, optimizer, schedule, RNG and
@@ -223,13 +224,15 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     """
     threads = torch.get_num_threads()
     try:
-        return _fit(config, mnist, Path(run_dir), callbacks, resume)
+        return _fit(config, data, Path(run_dir), callbacks, resume)
     finally:
         torch.set_num_threads(threads)  # the governor's or --threads' count stays inside the run
 
 
-def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
+def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
     config.validate()
+    if canonical_name(data.name) != canonical_name(config.dataset):
+        raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     folder = RunFolder(run_dir)
     world = distributed.init(config.device)
     device = distributed.device_for(world, resolve_device(config.device))
@@ -243,8 +246,8 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
     else:
         governor = ThreadGovernor(usable_cores())
     precision = choose_precision(config.precision, device, model_class(config.model).bf16_pays)
-    train = mnist.train.head(config.train_samples).to(device)
-    test = mnist.test.head(config.test_samples).to(device)
+    train = data.train.head(config.train_samples).to(device)
+    test = data.test.head(config.test_samples).to(device)
     if config.batch_size > len(train):
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(train)} training images")
     if world.distributed and (config.batch_size < world.size or 0 < len(train) % config.batch_size < world.size):
@@ -255,7 +258,8 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
     torch.manual_seed(config.seed)
     # channels_last: oneDNN's convolutions run 1.3-1.7x faster on this layout on CPU (measured
     # for both models at batch 32-128); a 1-channel input is already in it, so no copy is made.
-    model = create_model(config.model).to(device, memory_format=torch.channels_last)
+    model = create_model(config.model, num_classes=len(data.classes)).to(device, memory_format=torch.channels_last)
+    model.dataset, model.classes = data.name, data.classes
     if world.distributed:
         # Distortions draw from the global generator: a different stream per rank.
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
@@ -313,7 +317,7 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
             idx = torch.arange(config.batch_size, device=device)
             governor.probe(lambda: _shadow_step(model, forward, to_model_input(train.images[idx]), train.labels[idx],
                                                 _autocast(device, precision.precision)))
-    augment = random_affine if config.distort else None
+    augment = compose(random_affine if config.distort else None, random_hflip if config.flip else None)
     for epoch in range(len(history), epochs):
         for cb in callbacks:
             cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch)
@@ -357,7 +361,7 @@ def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[C
     return FitResult(model=model, history=history, metrics=_summary(config, model, history), run_dir=run_dir)
 
 
-def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
+def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
            callbacks: Sequence[Callback] = (), **host: Any) -> FitResult:
     """Continue an interrupted run from its folder (optionally for more epochs than planned).
 
@@ -373,4 +377,4 @@ def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
     if unknown:
         raise ConfigError(f"--resume may change only {', '.join(HOST_SETTINGS)} and --epochs, not {', '.join(unknown)}")
     config = dataclasses.replace(config, **host)  # validates
-    return fit(config, mnist, folder.path, callbacks=callbacks, resume=True)
+    return fit(config, data, folder.path, callbacks=callbacks, resume=True)
