@@ -113,6 +113,11 @@ def test_fashion_downloads_from_a_mirror_verified_then_trains_evaluates_and_pred
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "trained on fashion-mnist (10 classes: T-shirt/top" in err and "the class lists differ" in err
 
+    code, out, err = run(capsys, "explain", tmp_path / "run", "--test-index", 0, "--out", tmp_path / "maps.png", *common)
+    assert code == 0, err
+    assert "Fashion-MNIST test image 0 (label Ankle boot): predicted " in out
+    assert out.split("predicted ")[1].split(" (")[0] in FASHION_MNIST.classes
+
     # predict names the classes: a test image saved as a user's picture (dark on light).
     images = tmp_path / "images"
     images.mkdir()

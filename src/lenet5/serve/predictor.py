@@ -123,8 +123,7 @@ class Predictor:
                 "metrics": self.meta.get("metrics", {}), "checkpoint": self.path.name,
                 "dataset": self.model.dataset, "dataset_title": spec.title if spec else self.model.dataset,
                 "classes": list(self.model.classes), "noun": noun,
-                "input": f"an image of {noun.split(' ', 1)[1] if ' ' in noun else noun}, any size; "
-                         "or 28x28 pixels 0-255, ink high"}
+                "input": f"an image of {noun}, any size; or 28x28 pixels 0-255, ink high"}
 
     def from_image(self, data: bytes, maps: bool) -> dict[str, Any]:
         """An uploaded image, decoded within `lenet5.imagefile`'s bounds like `lenet5 predict`'s files."""

@@ -143,6 +143,7 @@ fetch("/v1/model").then((r) => r.json()).then((m) => {
   if (m.noun) {
     const heading = `Draw ${m.noun}`;
     document.querySelector("h1").textContent = heading;
+    if (m.noun !== "a digit") document.getElementById("draw-label").textContent = "Your drawing";
     document.title = `lenet5: ${heading.toLowerCase()}`;
     bars.setAttribute("aria-label", "Probability of each class");
   }
