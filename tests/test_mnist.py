@@ -104,7 +104,7 @@ def test_decoded_cache_serves_reloads_and_follows_changes(mnist_dir, tmp_path, m
     load_mnist(data_dir, download=False)
     with monkeypatch.context() as m:  # a reload neither hashes nor decodes: it reads the cache
         for name in ("verify_file", "read_images", "read_labels"):
-            m.setattr(f"lenet5.data.mnist.{name}", lambda *a, **k: pytest.fail("the cache was not used"))
+            m.setattr(f"lenet5.data.dataset.{name}", lambda *a, **k: pytest.fail("the cache was not used"))
         mnist = load_mnist(data_dir, download=False)
     assert mnist.train.class_counts()[0] == 5923
     # A changed source is not hidden by the cache: it is verified again.

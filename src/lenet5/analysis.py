@@ -1,4 +1,5 @@
-"""What a trained model gets right and wrong on the test set: the figures of `evaluate --report`."""
+"""What a trained model gets right and wrong on the test set: the figures of `evaluate --report`,
+with the classes named as the data set names them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 import torch
 
 from lenet5.checkpoint import Checkpoint
-from lenet5.data import MNIST
+from lenet5.data import Dataset
 from lenet5.errors import ConfigError
 from lenet5.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lenet5.plots import plot_calibration, plot_confusion, plot_digit_gallery, plot_rejection
+from lenet5.evaluate import check_classes
 from lenet5.predict import class_probabilities
 
 REJECTION_TARGET = 0.005  # the paper reports the rejection needed for 0.5% error
@@ -24,13 +26,14 @@ def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, classes: int
     return torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
 
 
-def per_class(matrix: torch.Tensor) -> list[dict[str, float]]:
+def per_class(matrix: torch.Tensor, names: tuple[str, ...] | None = None) -> list[dict[str, float]]:
     tp = matrix.diag().double()
     precision = tp / matrix.sum(0).clamp(min=1)
     recall = tp / matrix.sum(1).clamp(min=1)
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return [{"digit": d, "precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]),
-             "support": int(matrix[d].sum())} for d in range(len(matrix))]
+    names = names or tuple(str(d) for d in range(len(matrix)))
+    return [{"digit": d, "class": names[d], "precision": float(precision[d]), "recall": float(recall[d]),
+             "f1": float(f1[d]), "support": int(matrix[d].sum())} for d in range(len(matrix))]
 
 
 def rejection_curve(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,16 +74,18 @@ def report_folder(out_dir: str | Path) -> Path:
     return out
 
 
-def write_report(checkpoint: Checkpoint, mnist: MNIST, out_dir: str | Path, *, gallery_cap: int = 300) -> dict[str, Any]:
-    """Write the analysis of `checkpoint` on the test set into `out_dir`; returns its figures."""
+def write_report(checkpoint: Checkpoint, data: Dataset, out_dir: str | Path, *, gallery_cap: int = 300) -> dict[str, Any]:
+    """Write the analysis of `checkpoint` on `data`'s test set into `out_dir`; returns its figures."""
     out = report_folder(out_dir)
-    model, test = checkpoint.model, mnist.test
+    model, test = checkpoint.model, data.test
+    check_classes(model, data)
+    names = model.classes
     probs = class_probabilities(model, test.images)
     confidence, predicted = probs.max(1)
     labels = test.labels
     correct = predicted == labels
-    matrix = confusion_matrix(labels, predicted)
-    classes = per_class(matrix)
+    matrix = confusion_matrix(labels, predicted, len(names))
+    classes = per_class(matrix, names)
     rejected, error = rejection_curve(confidence, correct)
     reject_for_target = rejection_for_error(rejected, error, REJECTION_TARGET)
     calib = calibration(confidence, correct)
@@ -90,16 +95,17 @@ def write_report(checkpoint: Checkpoint, mnist: MNIST, out_dir: str | Path, *, g
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["true\\predicted", *range(10)])
-    for d in range(10):
-        writer.writerow([d, *matrix[d].tolist()])
+    writer.writerow(["true\\predicted", *names])
+    for d, label in enumerate(names):
+        writer.writerow([label, *matrix[d].tolist()])
     atomic_write_text(out / "confusion.csv", text.getvalue())
-    atomic_write_bytes(out / "confusion.png", plot_confusion(matrix.tolist(), f"{name}: confusion matrix (test set)"))
+    atomic_write_bytes(out / "confusion.png", plot_confusion(matrix.tolist(), f"{name}: confusion matrix ({data.title} test set)",
+                                                             names))
     shown = wrong[:gallery_cap]
     atomic_write_bytes(out / "misclassified.png", plot_digit_gallery(
         [test.images[i].numpy() for i in shown],
-        [f"{int(labels[i])}->{int(predicted[i])} {float(confidence[i]):.0%}" for i in shown], columns=12,
-        title=f"{len(wrong)} misclassified test digits" + (f", the {gallery_cap} most confident" if len(wrong) > gallery_cap else "")
+        [f"{names[int(labels[i])]}->{names[int(predicted[i])]} {float(confidence[i]):.0%}" for i in shown], columns=12,
+        title=f"{len(wrong)} misclassified test images" + (f", the {gallery_cap} most confident" if len(wrong) > gallery_cap else "")
         + " (true->predicted, confidence)"))
     atomic_write_bytes(out / "rejection.png", plot_rejection(rejected.tolist()[::10], error.tolist()[::10], REJECTION_TARGET,
                                                              f"{name}: rejection curve"))
@@ -107,24 +113,25 @@ def write_report(checkpoint: Checkpoint, mnist: MNIST, out_dir: str | Path, *, g
                                                                  f"{name}: calibration (ECE {calib['ece']:.4f})"))
     accuracy = float(correct.double().mean())
     summary = {
-        "checkpoint": str(checkpoint.path), "model": name, "epoch": checkpoint.meta.get("epoch"),
+        "checkpoint": str(checkpoint.path), "model": name, "epoch": checkpoint.meta.get("epoch"), "dataset": data.name,
         "test_images": len(labels), "test_accuracy": accuracy, "test_error": 1 - accuracy,
         "misclassified": len(wrong), "rejection_for_0.5%_error": reject_for_target, "ece": calib["ece"],
         "per_class": classes,
     }
     atomic_write_json(out / "report.json", summary)
-    rows = "\n".join(f"| {c['digit']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+    rows = "\n".join(f"| {c['class']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
                      for c in classes)
     atomic_write_text(out / "report.md", f"""# Test-set report: {name}
 
-Checkpoint `{checkpoint.path}` (epoch {checkpoint.meta.get('epoch')}).
+Checkpoint `{checkpoint.path}` (epoch {checkpoint.meta.get('epoch')}, trained on {checkpoint.dataset}), on the
+{data.title} test set.
 
-- Test accuracy **{accuracy:.2%}**, error {1 - accuracy:.2%}: {len(wrong)} of {len(labels):,} digits misclassified.
-- Rejecting the least confident **{reject_for_target:.2%}** of the digits brings the error on the rest to
+- Test accuracy **{accuracy:.2%}**, error {1 - accuracy:.2%}: {len(wrong)} of {len(labels):,} images misclassified.
+- Rejecting the least confident **{reject_for_target:.2%}** of the images brings the error on the rest to
   0.5% or less (LeCun et al. 1998 report this figure for their classifiers).
 - Expected calibration error (15 bins): {calib['ece']:.4f}.
 
-| digit | precision | recall | F1 | support |
+| class | precision | recall | F1 | support |
 |---:|---:|---:|---:|---:|
 {rows}
 
@@ -134,6 +141,6 @@ Checkpoint `{checkpoint.path}` (epoch {checkpoint.meta.get('epoch')}).
 
 ![calibration](calibration.png)
 
-![misclassified digits](misclassified.png)
+![misclassified images](misclassified.png)
 """)
     return summary

@@ -9,6 +9,9 @@ field by field against the model registry (a known model, arguments its construc
 the types it declares), and the model is first built on the "meta" device (no memory) so that
 every tensor's name, shape and dtype is compared with the file's before any weight is allocated.
 A file that fails any check is a one-line CheckpointError.
+
+A checkpoint records the data set it was trained on and its class names (one per output); one
+written before lenet5 knew other data sets (no "dataset" in its metadata) is MNIST's.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+MAX_CLASSES = 1000
 
 
 @dataclass
@@ -47,14 +51,26 @@ class Checkpoint:
     meta: dict[str, Any]
     path: Path
 
+    @property
+    def dataset(self) -> str:
+        return self.model.dataset
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.model.classes
+
 
 def checkpoint_files(model: DigitClassifier, *, config: dict[str, Any] | None = None, epoch: int | None = None,
                      metrics: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
     """The bytes of ``NAME.safetensors`` and of its ``NAME.json`` sidecar."""
+    outputs = getattr(model, "init_args", {}).get("num_classes", 10)
+    classes = model.classes if len(model.classes) == outputs else tuple(str(k) for k in range(outputs))
     meta = {
         "format": FORMAT,
         "model": model.registry_name,
         "model_args": getattr(model, "init_args", {}),
+        "dataset": model.dataset,
+        "classes": list(classes),
         "epoch": epoch,
         "metrics": metrics or {},
         "config": config or {},
@@ -170,10 +186,28 @@ def check_metadata(path: Path, meta: Any) -> dict[str, Any]:
     for key in ("lenet5_version", "torch_version"):
         if not isinstance(meta.get(key, ""), str):
             problems.append(f"{key} must be a string")
+    problems.append(_check_classes(meta))
     problem = next((p for p in problems if p), None)
     if problem:
         raise CheckpointError(f"{path}: damaged lenet5 metadata: {problem}")
     return meta
+
+
+def _check_classes(meta: dict[str, Any]) -> str | None:
+    """Why the recorded data set and class names are unusable (None when they are fine or absent)."""
+    dataset, classes = meta.get("dataset", "mnist"), meta.get("classes")
+    if not isinstance(dataset, str) or not 0 < len(dataset) <= 1000:
+        return "dataset must be a data set's name"
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES \
+            or not all(isinstance(c, str) and 0 < len(c) <= 100 for c in classes):
+        return f"classes must be a list of 2 to {MAX_CLASSES} names"
+    args = meta.get("model_args", {})
+    outputs = args.get("num_classes", 10) if isinstance(args, dict) else 10
+    if len(classes) != outputs:
+        return f"{len(classes)} class names for a model with {outputs} outputs"
+    return None
 
 
 def _check_tensors(path: Path, header: dict[str, Any], name: str, args: dict[str, Any]) -> None:
@@ -221,4 +255,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model.load_state_dict(tensors)
     except Exception as e:  # cannot happen after the checks above; still one line if it does
         raise CheckpointError(f"{path}: weights do not fit model {name!r}: {one_line(e)}") from None
+    model.dataset = meta.get("dataset", "mnist")
+    if "classes" in meta:
+        model.classes = tuple(meta["classes"])
+    elif args.get("num_classes", 10) != 10:  # no names recorded: the label numbers
+        model.classes = tuple(str(k) for k in range(args["num_classes"]))
     return Checkpoint(model=model.to(device).eval(), meta=meta, path=path)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 import lenet5
 from lenet5 import distributed
-from lenet5.data.mnist import DATA_ENV, FILES, MIRRORS_ENV, load_mnist, resolve_data_dir, sha256_of
+from lenet5.data.catalog import dataset_names
+from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.hardware import hardware_class
@@ -61,20 +62,22 @@ class DownloadProgress:
 class ConsoleProgress(Callback):
     """Keras-style output: a header, a progress bar per epoch, one line of figures per epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 10) -> None:
         self.bar: tqdm | None = None
+        self.classes = classes
 
     def on_train_begin(self, run_dir, config, env, start_epoch) -> None:
         rev = f", git {env['git_revision']}" if env.get("git_revision") else ""
         where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
         print(f"lenet5 {env['lenet5']}{rev} | torch {env['torch']} | {env['device']} ({where})")
-        model = create_model(config.model)
+        model = create_model(config.model, num_classes=self.classes)
         extra = f" | {env['precision']}"
         if env.get("world_size"):
             extra += f" | {env['world_size']} processes ({env['backend']}), global batch"
         print(f"model {config.model} ({count_parameters(model):,} parameters) | {config.optimizer} lr {config.lr:g} "
               f"| {config.schedule} schedule | batch {config.batch_size} | {config.epochs} epochs | seed {config.seed}"
               + extra)
+        print(f"data {config.dataset} ({self.classes} classes)")
         print(f"precision {env['precision']}: {env['precision_reason']}")
         if env["precision_slow"]:
             print("warning: --precision bf16 will be slow on this machine; --precision auto picks fp32 here",
@@ -121,38 +124,48 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                                metavar=None if f.metadata.get("choices") else f.name.upper(), help=help_text)
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
+def add_data_options(parser: argparse.ArgumentParser, dataset: str | None = None) -> None:
+    """The options of where data comes from; with `dataset` ("checkpoint" or a default name), --dataset too
+    (`train` has it from TrainConfig)."""
     group = parser.add_argument_group("data")
+    if dataset == "checkpoint":
+        group.add_argument("--dataset", metavar="NAME", help="evaluate on this data set: " + ", ".join(dataset_names())
+                           + " (default: the one the checkpoint was trained on; its classes must be the checkpoint's)")
+    elif dataset:
+        group.add_argument("--dataset", metavar="NAME", default=dataset,
+                           help=f"data set: {', '.join(dataset_names())} (default: {dataset})")
     group.add_argument("--data-dir", type=Path, default=None,
-                       help=f"folder with the MNIST files (default: ${DATA_ENV}, else {resolve_data_dir(None)})")
+                       help=f"folder with the data set's files (default: for mnist ${DATA_ENV}, else "
+                            f"{resolve_data_dir(None).parent}/NAME)")
     group.add_argument("--offline", action=argparse.BooleanOptionalAction,
                        default=os.environ.get(OFFLINE_ENV, "") not in ("", "0"),
                        help=f"never download; missing files are an error (default: ${OFFLINE_ENV}, else off)")
     group.add_argument("--mirror", action="append", metavar="URL",
-                       help=f"download from this mirror (repeatable; default: ${MIRRORS_ENV}, else the built-in list)")
+                       help=f"download from this mirror (repeatable; default: for mnist ${MIRRORS_ENV}, else the "
+                            "data set's built-in list)")
     group.add_argument("--timeout", type=float, default=30.0, help="seconds before a stalled download is abandoned")
     group.add_argument("--retries", type=int, default=2, help="retries per mirror for transient failures")
 
 
-def load_data(args: argparse.Namespace):
+def load_data(args: argparse.Namespace, dataset: str = "mnist"):
     if args.timeout <= 0 or args.retries < 0:
         raise ConfigError("--timeout must be positive and --retries not negative")
     progress = DownloadProgress()
     try:
-        return load_mnist(args.data_dir, download=not args.offline, mirrors=args.mirror, timeout=args.timeout,
-                          retries=args.retries, progress=progress)
+        return load_dataset(dataset, args.data_dir, download=not args.offline, mirrors=args.mirror,
+                            timeout=args.timeout, retries=args.retries, progress=progress)
     finally:
         progress.close()
 
 
 # ---------------------------------------------------------------- commands
-def _load_data_ranked(args: argparse.Namespace, world: distributed.World):
+def _load_data_ranked(args: argparse.Namespace, world: distributed.World, dataset: str):
     """Under torchrun, the first process of each machine downloads and decodes; the rest then read."""
     if not world.distributed:
-        return load_data(args)
-    data = load_data(args) if world.local_rank == 0 else None
+        return load_data(args, dataset)
+    data = load_data(args, dataset) if world.local_rank == 0 else None
     distributed.barrier()
-    return data if data is not None else load_data(args)
+    return data if data is not None else load_data(args, dataset)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config or args.recipe or set(given) - {"epochs", *HOST_SETTINGS}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
                               f"settings ({', '.join('--' + h.replace('_', '-') for h in HOST_SETTINGS)}) may be given with it")
-        device = given.get("device") or TrainConfig.from_json(RunFolder(args.resume).require().config).device
+        saved = TrainConfig.from_json(RunFolder(args.resume).require().config)
+        device, dataset = given.get("device") or saved.device, saved.dataset
     else:
         base = {}
         if args.recipe:
@@ -174,18 +188,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
-        device = config.device
+        device, dataset = config.device, config.dataset
     world = distributed.init(device)  # a no-op unless torchrun started this process
-    progress = [] if args.quiet or not world.is_main else [ConsoleProgress()]
     try:
         if args.resume:
-            result = resume(args.resume, _load_data_ranked(args, world), epochs=given.get("epochs"),
+            data = _load_data_ranked(args, world, dataset)
+            progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
+            result = resume(args.resume, data, epochs=given.get("epochs"),
                             callbacks=progress, **{k: v for k, v in given.items() if k in HOST_SETTINGS})
         else:
             name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
             run_dir = args.out_dir / name
             RunFolder(run_dir).claim()  # before loading the data; fit checks again
-            result = fit(config, _load_data_ranked(args, world), run_dir, callbacks=progress)
+            data = _load_data_ranked(args, world, dataset)
+            progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
+            result = fit(config, data, run_dir, callbacks=progress)
     finally:
         distributed.shutdown()
     if not world.is_main:
@@ -295,16 +312,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from lenet5.analysis import report_folder
 
         report_folder(args.report)  # refused before the evaluation, not after it
-    mnist = load_data(args)
-    result = evaluate_checkpoint(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
+    from lenet5.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    data = load_data(args, args.dataset or checkpoint.dataset)
+    result = evaluate_checkpoint(args.checkpoint, data, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
     if args.report:
         from lenet5.analysis import write_report
-        from lenet5.checkpoint import load_checkpoint
-        from lenet5.runtime import resolve_device
 
-        mnist.test = mnist.test.head(args.test_samples)
-        summary = write_report(load_checkpoint(args.checkpoint, resolve_device(args.device)), mnist, args.report)
+        data.test = data.test.head(args.test_samples)
+        summary = write_report(checkpoint, data, args.report)
         result["rejection_for_0.5%_error"] = summary["rejection_for_0.5%_error"]
         result["ece"] = summary["ece"]
         result["report"] = str(args.report / "report.md")
@@ -312,7 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['checkpoint']}: {result['model']} ({result['parameters']:,} parameters), "
-              f"epoch {result['epoch']}")
+              f"epoch {result['epoch']}, trained on {result['trained_on']}; test set of {result['dataset']}")
         print(f"test accuracy {result['test_accuracy']:.2%}  error {result['test_error']:.2%} "
               f"({result['errors']} of {result['test_images']:,})  loss {result['test_loss']:.4f}")
         if args.report:
@@ -332,20 +350,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         import csv
 
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["file", "digit", "confidence", "top3", "error"])
+        writer.writerow(["file", "digit", "label", "confidence", "top3", "error"])
         for p in predictions:
-            writer.writerow([p.file, "" if p.digit is None else p.digit,
+            writer.writerow([p.file, "" if p.digit is None else p.digit, p.label or "",
                              "" if p.confidence is None else f"{p.confidence:.4f}",
-                             " ".join(f"{d}:{v:.3f}" for d, v in p.top3), p.error or ""])
+                             " ".join(f"{name}:{v:.3f}" for (_, v), name in zip(p.top3, p.top3_labels)), p.error or ""])
     else:
         width = max(len(p.file) for p in predictions)
-        print(f"{'file':<{width}}  digit  confidence  top-3")
+        label_width = max([5] + [len(p.label) for p in predictions if p.label])
+        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  top-3")
         for p in predictions:
             if p.error:
                 print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
             else:
-                top = "  ".join(f"{d} {v:.1%}" for d, v in p.top3)
-                print(f"{p.file:<{width}}  {p.digit:>5}  {p.confidence:>10.1%}  {top}")
+                top = "  ".join(f"{name} {v:.1%}" for (_, v), name in zip(p.top3, p.top3_labels))
+                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  {top}")
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"lenet5 predict: {failed} of {len(predictions)} file(s) could not be used", file=sys.stderr)
@@ -365,15 +384,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
         explanation = explain_file(checkpoint.model, args.image)
         source = str(args.image)
     else:
-        mnist = load_data(args)
-        if not 0 <= args.test_index < len(mnist.test):
-            raise ConfigError(f"--test-index must be in 0..{len(mnist.test) - 1}")
-        explanation = explain_digit(checkpoint.model, mnist.test.images[args.test_index].numpy())
-        source = f"MNIST test digit {args.test_index} (label {int(mnist.test.labels[args.test_index])})"
+        from lenet5.evaluate import check_classes
+
+        data = load_data(args, args.dataset or checkpoint.dataset)
+        check_classes(checkpoint.model, data)
+        if not 0 <= args.test_index < len(data.test):
+            raise ConfigError(f"--test-index must be in 0..{len(data.test) - 1}")
+        explanation = explain_digit(checkpoint.model, data.test.images[args.test_index].numpy())
+        label = checkpoint.classes[int(data.test.labels[args.test_index])]
+        source = f"{data.title} test image {args.test_index} (label {label})"
     out = args.out or Path(f"{Path(source).stem if args.image else f'test-{args.test_index}'}.maps.png")
-    atomic_write_bytes(out, plot_explanation(explanation, f"{checkpoint.meta['model']}: {source}", args.max_maps))
+    atomic_write_bytes(out, plot_explanation(explanation, f"{checkpoint.meta['model']}: {source}", args.max_maps,
+                                             checkpoint.classes))
     layers = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in explanation.maps.items())
-    print(f"{source}: predicted {explanation.digit} ({explanation.probabilities.max():.1%})")
+    print(f"{source}: predicted {checkpoint.classes[explanation.digit]} ({explanation.probabilities.max():.1%})")
     print(f"layers: {layers}")
     print(f"wrote {out}")
     return 0
@@ -388,12 +412,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or Path(f"{checkpoint.meta['model']}{suffix}")
-    mnist = None if args.no_check else load_data(args)
-    result = export_checkpoint(checkpoint, out, args.format, mnist, args.check_images)
+    data = None if args.no_check else load_data(args, args.dataset or checkpoint.dataset)
+    result = export_checkpoint(checkpoint, out, args.format, data, args.check_images)
     print(f"wrote {result['path']} ({args.format}, {result['bytes']:,} bytes) and {result['model_card']}")
     if "check" in result:
         c = result["check"]
-        print(f"check on {c['images']:,} test digits: max |difference| {c['max_abs_difference']:.2e}, "
+        print(f"check on {c['images']:,} test images: max |difference| {c['max_abs_difference']:.2e}, "
               f"same class on {c['same_class']:,}; test accuracy {result['test_accuracy']:.2%}")
     return 0
 
@@ -444,26 +468,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    mnist = load_data(args)
-    root = resolve_data_dir(args.data_dir)
-    print(f"MNIST in {root}")
-    for file in FILES:
-        path = root / file.name
-        if path.is_file():
-            ok = sha256_of(path) == file.sha256  # re-checked in full every time `lenet5 data` runs
-            print(f"  {file.name:<28} {path.stat().st_size:>10,} bytes  sha256 {'ok' if ok else 'MISMATCH'}")
-            if not ok:
-                raise ConfigError(f"{path}: checksum mismatch; delete it and run `lenet5 data` again")
-        else:
-            print(f"  {file.name.removesuffix('.gz'):<28} (uncompressed copy: no published checksum)")
-    for name, split in (("train", mnist.train), ("test", mnist.test)):
-        print(f"  {name:<5} {len(split):>6,} images 28x28, per class: {' '.join(map(str, split.class_counts()))}")
+    data = load_data(args, args.dataset)
+    print(f"{data.title} in {data.root}: {len(data.classes)} classes ({', '.join(data.classes[:12])}"
+          f"{', ...' if len(data.classes) > 12 else ''})")
+    for path, status in check_files(data):  # every file re-verified in full each time `lenet5 data` runs
+        print(f"  {path.name:<40} {path.stat().st_size:>11,} bytes  {status}")
+    for name, split in (("train", data.train), ("test", data.test)):
+        counts = split.class_counts(len(data.classes))
+        print(f"  {name:<5} {len(split):>7,} images 28x28, per class: {' '.join(map(str, counts))}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lenet5", description=(
-        "Train, evaluate and use LeNet-5 digit recognisers on MNIST. "
+        "Train, evaluate and use LeNet-5 recognisers on MNIST and other 28x28 data sets (--dataset). "
         "`lenet5 train` with no options reproduces the blog post's Keras LeNet run."))
     parser.add_argument("--version", action="version", version=f"lenet5 {lenet5.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -492,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--report", type=Path, metavar="DIR",
                     help="also write report.md with per-class precision/recall, confusion matrix (PNG, CSV), "
-                         "misclassified digits, rejection curve and calibration into DIR")
-    add_data_options(ev)
+                         "misclassified images, rejection curve and calibration into DIR")
+    add_data_options(ev, "checkpoint")
     ev.set_defaults(handler=cmd_evaluate)
 
     rep = commands.add_parser("reproduce", help="reproduce a published result, with a report",
@@ -538,11 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "input, every layer's activation maps and the class probabilities.")
     ex.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
     ex.add_argument("image", type=Path, nargs="?", help="an image file (or use --test-index)")
-    ex.add_argument("--test-index", type=int, help="explain MNIST test digit N instead of an image")
+    ex.add_argument("--test-index", type=int, help="explain test image N of the data set instead of an image")
     ex.add_argument("--out", type=Path, help="PNG to write (default: IMAGE-NAME.maps.png here)")
     ex.add_argument("--max-maps", type=int, default=16, help="maps shown per layer (default: 16)")
     ex.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    add_data_options(ex)
+    add_data_options(ex, "checkpoint")
     ex.set_defaults(handler=cmd_explain)
 
     xp = commands.add_parser("export", help="export to ONNX or TorchScript, checked against PyTorch",
@@ -554,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--out", type=Path, help="output file (default: MODEL.onnx or MODEL.pt here)")
     xp.add_argument("--check-images", type=int, default=1000, help="test digits for the check (default: 1000)")
     xp.add_argument("--no-check", action="store_true", help="skip the check and the test accuracy (no data needed)")
-    add_data_options(xp)
+    add_data_options(xp, "checkpoint")
     xp.set_defaults(handler=cmd_export)
 
     sv = commands.add_parser("serve", help="HTTP prediction service and the draw-a-digit page",
@@ -572,10 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print the list as JSON")
     models.set_defaults(handler=cmd_models)
 
-    data = commands.add_parser("data", help="download, verify and describe MNIST",
-                               description="Fetch any missing MNIST file (unless --offline), verify every "
-                                           "file's SHA-256, and show what is there.")
-    add_data_options(data)
+    data = commands.add_parser("data", help="download, verify and describe a data set",
+                               description="Fetch any missing file of the data set (unless --offline), verify "
+                                           "every file against its published checksum, and show what is there.")
+    add_data_options(data, "mnist")
     data.set_defaults(handler=cmd_data)
     return parser
 

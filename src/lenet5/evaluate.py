@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from lenet5.checkpoint import load_checkpoint
-from lenet5.data import MNIST
+from lenet5.data import Dataset
 from lenet5.data.transforms import to_model_input
+from lenet5.errors import ConfigError
 from lenet5.models import DigitClassifier, count_parameters
 from lenet5.runtime import resolve_device
 
@@ -38,17 +39,36 @@ def evaluate(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
     return (total_loss / n).item(), (correct.double() / n).item()
 
 
-def evaluate_checkpoint(path: str | Path, mnist: MNIST, *, device: str = "auto", batch_size: int = EVAL_BATCH,
+def _names(classes: tuple[str, ...]) -> str:
+    shown = ", ".join(classes[:5])
+    return f"{len(classes)} classes: {shown}{', ...' if len(classes) > 5 else ''}"
+
+
+def check_classes(model: DigitClassifier, data: Dataset) -> None:
+    """ConfigError unless `data`'s labels mean what the model's outputs mean: the same class names
+    in the same order (an idx: folder without names only needs labels the model has outputs for)."""
+    same = tuple(data.classes) == tuple(model.classes)
+    fits = not data.named and len(data.classes) <= len(model.classes)
+    if not (same or fits):
+        raise ConfigError(f"the checkpoint was trained on {model.dataset} ({_names(model.classes)}) and cannot be "
+                          f"evaluated on {data.name} ({_names(data.classes)}): the class lists differ")
+
+
+def evaluate_checkpoint(path: str | Path, data: Dataset, *, device: str = "auto", batch_size: int = EVAL_BATCH,
                         test_samples: int = 0) -> dict[str, Any]:
-    """Test loss, accuracy and error of a checkpoint, with what it is."""
+    """Test loss, accuracy and error of a checkpoint on `data`'s test split, with what it is.
+    A data set whose classes differ from the checkpoint's is a ConfigError."""
     dev = resolve_device(device)
     checkpoint = load_checkpoint(path, dev)
+    check_classes(checkpoint.model, data)
     checkpoint.model.to(memory_format=torch.channels_last)  # faster convolutions, as in training
-    test = mnist.test.head(test_samples).to(dev)
+    test = data.test.head(test_samples).to(dev)
     loss, accuracy = evaluate(checkpoint.model, test.images, test.labels, batch_size)
     return {
         "checkpoint": str(checkpoint.path),
         "model": checkpoint.meta["model"],
+        "trained_on": checkpoint.dataset,
+        "dataset": data.name,
         "parameters": count_parameters(checkpoint.model),
         "epoch": checkpoint.meta.get("epoch"),
         "test_images": len(test),

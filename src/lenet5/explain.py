@@ -20,7 +20,7 @@ from lenet5.preprocess import prepare_file
 class Explanation:
     prepared: np.ndarray  # the 28x28 uint8 digit the model saw
     maps: dict[str, np.ndarray]  # layer name -> (channels, H, W) or (units,)
-    probabilities: np.ndarray  # (10,)
+    probabilities: np.ndarray  # (classes,)
     display_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # the model's hints
 
     @property
@@ -44,8 +44,10 @@ def explain_file(model: DigitClassifier, image: str | Path | bytes) -> Explanati
     return explain_digit(model, prepare_file(image))
 
 
-def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 16) -> bytes:
-    """One figure: the input, each layer's maps (one row per layer), and the class probabilities."""
+def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 16,
+                     classes: tuple[str, ...] | None = None) -> bytes:
+    """One figure: the input, each layer's maps (one row per layer), and the class probabilities
+    (labelled with `classes`, by default the class numbers)."""
     if max_maps < 1:
         raise ConfigError(f"--max-maps must be at least 1, got {max_maps}")
     from matplotlib.figure import Figure
@@ -59,10 +61,12 @@ def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 
     ax.set_title("input (28x28)", fontsize=8)
     ax.axis("off")
     bars = fig.add_subplot(grid[0:2, 3:columns + 1])
-    bars.bar(range(10), explanation.probabilities, color=["C1" if d == explanation.digit else "C0" for d in range(10)])
-    bars.set_xticks(range(10))
+    k = len(explanation.probabilities)
+    names = list(classes) if classes and len(classes) == k else [str(d) for d in range(k)]
+    bars.bar(range(k), explanation.probabilities, color=["C1" if d == explanation.digit else "C0" for d in range(k)])
+    bars.set_xticks(range(k), names, rotation=90 if max(map(len, names)) > 2 else 0, fontsize=7 if k <= 20 else 5)
     bars.set_ylim(0, 1)
-    bars.set_title(f"prediction: {explanation.digit} ({explanation.probabilities.max():.1%})", fontsize=9)
+    bars.set_title(f"prediction: {names[explanation.digit]} ({explanation.probabilities.max():.1%})", fontsize=9)
     for row, (name, value) in enumerate(layers, start=2):
         label = fig.add_subplot(grid[row, 0])
         label.axis("off")

@@ -2,7 +2,7 @@
 
 The exported graph takes float32 images (N, 1, 28, 28), ink 1.0 on background 0.0, prepared the
 MNIST way (see `lenet5.preprocess`; `lenet5 predict --save-prepared` shows what that gives), with
-any N, and returns scores (N, 10): the argmax is the digit and a softmax gives probabilities,
+any N, and returns scores (N, classes): the argmax is the class and a softmax gives probabilities,
 whatever the model's own output is (logits, or the 1998 network's RBF penalties negated).
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lenet5.checkpoint import Checkpoint
-from lenet5.data import MNIST
+from lenet5.data import Dataset, describe_dataset
 from lenet5.data.transforms import to_model_input
 from lenet5.errors import Lenet5Error
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
@@ -113,11 +113,27 @@ def model_card(checkpoint: Checkpoint, *, test_accuracy: float | None, export_ch
     meta, model = checkpoint.meta, checkpoint.model
     config = meta.get("config", {})
     recipe = ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("device", "threads", "eval_batch_size"))
-    accuracy = f"{test_accuracy:.2%} on the 10,000 MNIST test digits" if test_accuracy is not None else "not measured"
+    spec = describe_dataset(checkpoint.dataset)
+    title = spec.title if spec else checkpoint.dataset
+    accuracy = f"{test_accuracy:.2%} on the {title} test set" if test_accuracy is not None else "not measured"
+    if spec:
+        data = (f"{spec.title} ({spec.source}): 28x28 grey images of {len(spec.classes)} classes"
+                + (f", {spec.split_sizes[0]:,} for training and {spec.split_sizes[1]:,} for testing." if spec.split_sizes else "."))
+    else:
+        data = f"{checkpoint.dataset}: 28x28 grey images of {len(checkpoint.classes)} classes."
+    names = ", ".join(f"{k} {name}" for k, name in enumerate(checkpoint.classes))
+    limits = ("Recognising single handwritten digits 0-9, for teaching and experiments. One digit per image;\n"
+              "no rejection of non-digits beyond the confidence (`lenet5 evaluate --report` gives the\n"
+              "rejection curve). Trained on 1990s US writers' digits; other writing styles may do worse."
+              if checkpoint.dataset == "mnist" else
+              f"Recognising one image of the {title} classes above, for teaching and experiments; no rejection\n"
+              "of other images beyond the confidence (`lenet5 evaluate --report` gives the rejection curve).\n"
+              "`lenet5 predict` prepares images the way MNIST's digits were prepared, which may differ from how\n"
+              "this data set's images were made.")
     check = ""
     if export_check:
         check = (f"\n## Export check\n\n`{exported.name if exported else 'export'}` against PyTorch on "
-                 f"{export_check['images']:,} test digits: max |score difference| "
+                 f"{export_check['images']:,} test images: max |score difference| "
                  f"{export_check['max_abs_difference']:.2e}, same predicted class on "
                  f"{export_check['same_class']:,} of {export_check['images']:,}.\n")
     return f"""# Model card: {meta['model']}
@@ -129,8 +145,8 @@ parameters. Checkpoint `{checkpoint.path.name}`, epoch {meta.get('epoch')}, writ
 {meta.get('lenet5_version')} with torch {meta.get('torch_version')}.
 
 ## Data
-MNIST (Yann LeCun, Corinna Cortes, Christopher J.C. Burges; CC BY-SA 3.0): 60,000 training and
-10,000 test images of handwritten digits, 28x28 grey.
+{data}
+Classes, by output index: {names}.
 
 ## Training recipe
 {recipe or 'not recorded'}
@@ -144,16 +160,14 @@ prepared as MNIST's were: light on dark, its bounding box scaled to fit 20x20 ke
 ratio (anti-aliased), placed in the 28x28 field with its centre of mass at pixel (14, 14).
 `lenet5 predict` does this for any photo or drawing (`lenet5.preprocess.prepare_file`); without
 it, accuracy on users' images collapses (measured: 16% with a plain resize, docs/results/userlike).
-Output: scores (N, 10); argmax = digit, softmax = probabilities.
+Output: scores (N, {len(checkpoint.classes)}); argmax = class index (above), softmax = probabilities.
 
 ## Intended use and limits
-Recognising single handwritten digits 0-9, for teaching and experiments. One digit per image;
-no rejection of non-digits beyond the confidence (`lenet5 evaluate --report` gives the
-rejection curve). Trained on 1990s US writers' digits; other writing styles may do worse.
+{limits}
 """
 
 
-def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, mnist: MNIST | None,
+def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, data: Dataset | None,
                       check_images: int = 1000) -> dict[str, Any]:
     """Export, check against PyTorch on test digits and write `<out>.model-card.md` beside it."""
     from lenet5.evaluate import evaluate
@@ -164,9 +178,12 @@ def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, mnist: 
     export(checkpoint, out, fmt)
     result: dict[str, Any] = {"path": str(out), "format": fmt, "bytes": out.stat().st_size}
     accuracy = None
-    if mnist is not None:
-        result["check"] = check_export(checkpoint, out, fmt, mnist.test.images[:check_images])
-        accuracy = evaluate(checkpoint.model.to("cpu"), mnist.test.images, mnist.test.labels)[1]
+    if data is not None:
+        from lenet5.evaluate import check_classes
+
+        check_classes(checkpoint.model, data)
+        result["check"] = check_export(checkpoint, out, fmt, data.test.images[:check_images])
+        accuracy = evaluate(checkpoint.model.to("cpu"), data.test.images, data.test.labels)[1]
         result["test_accuracy"] = accuracy
     card = out.with_name(out.stem + ".model-card.md")
     atomic_write_text(card, model_card(checkpoint, test_accuracy=accuracy, export_check=result.get("check"),

@@ -58,7 +58,7 @@ def plot_error_curves(history: Sequence[dict], reference: float | None = None, t
 
 
 def plot_digit_gallery(images: Sequence, captions: Sequence[str], columns: int = 12, title: str = "") -> bytes:
-    """A grid of 28x28 digits (uint8 or float arrays, ink high) with a caption under each."""
+    """A grid of 28x28 images (uint8 or float arrays, ink high) with a caption under each."""
     from matplotlib.figure import Figure
 
     n = max(1, len(images))
@@ -70,7 +70,7 @@ def plot_digit_gallery(images: Sequence, captions: Sequence[str], columns: int =
         ax.axis("off")
         if k < len(images):
             ax.imshow(images[k], cmap="gray_r", vmin=0, vmax=255 if str(images[k].dtype) == "uint8" else 1)
-            ax.set_title(captions[k], fontsize=7, pad=2)
+            ax.set_title(captions[k], fontsize=7 if len(captions[k]) <= 12 else 5, pad=2)  # "T-shirt/top->Shirt 93%"
     if title:
         fig.suptitle(title, fontsize=9)
     return figure_png(fig)
@@ -88,21 +88,25 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], title: str = "") -> bytes:
-    """Counts of (true, predicted) pairs, log-coloured so that single errors show."""
+def plot_confusion(matrix: Sequence[Sequence[int]], title: str = "", names: Sequence[str] | None = None) -> bytes:
+    """Counts of (true, predicted) pairs, log-coloured so that single errors show; axes labelled
+    with the class names."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
     counts = np.asarray(matrix)
-    fig = _figure(6, 5.2)
+    k = len(counts)
+    names = list(names) if names is not None else [str(d) for d in range(k)]
+    side = max(6.0, 0.32 * k + 2)  # 47 classes need room for their counts
+    fig = _figure(side, side * 0.87)
     ax = fig.subplots()
     image = ax.imshow(counts + 0.5, cmap="Blues", norm=LogNorm(vmin=0.5, vmax=counts.max() + 0.5))
     for (i, j), value in np.ndenumerate(counts):
         if value:
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7 if k <= 20 else 5,
                     color="white" if value > counts.max() / 8 else "black")
-    ax.set_xticks(range(10))
-    ax.set_yticks(range(10))
+    ax.set_xticks(range(k), names, rotation=90 if max(map(len, names)) > 2 else 0, fontsize=8 if k <= 20 else 6)
+    ax.set_yticks(range(k), names, fontsize=8 if k <= 20 else 6)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "Confusion matrix (test set)")

@@ -1,4 +1,8 @@
-"""Predict digits in users' image files with a checkpoint, one clear line per unreadable file."""
+"""Predict the class of users' image files with a checkpoint, one clear line per unreadable file.
+
+Classes are named as the checkpoint's data set names them (digits for MNIST, "Sneaker" for
+Fashion-MNIST); `digit` keeps its old name in the JSON but is the class index for every data set.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +27,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 @dataclass
 class Prediction:
     file: str
-    digit: int | None = None
+    digit: int | None = None  # the class index (a digit for MNIST)
     confidence: float | None = None
     top3: list[tuple[int, float]] = field(default_factory=list)
+    label: str | None = None  # the class name
+    top3_labels: list[str] = field(default_factory=list)
     error: str | None = None
     prepared: np.ndarray | None = field(default=None, repr=False)  # the 28x28 the model saw
     prepared_file: str | None = None  # where --save-prepared wrote it
 
     def as_dict(self) -> dict:
-        row = {"file": self.file, "digit": self.digit, "confidence": self.confidence,
-               "top3": [{"digit": d, "probability": p} for d, p in self.top3], "error": self.error}
+        row = {"file": self.file, "digit": self.digit, "label": self.label, "confidence": self.confidence,
+               "top3": [{"digit": d, "label": name, "probability": p} for (d, p), name in zip(self.top3, self.top3_labels)],
+               "error": self.error}
         return row | ({"prepared_file": self.prepared_file} if self.prepared_file else {})
 
 
@@ -52,12 +59,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 @torch.no_grad()
 def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N, 28, 28) uint8 MNIST-style digits -> (N, 10) probabilities."""
+    """(N, 28, 28) uint8 MNIST-style images -> (N, classes) probabilities."""
     model.eval()
     device = next(model.parameters()).device
     out = [model.probabilities(to_model_input(digits[i:i + batch_size].to(device))).cpu()
            for i in range(0, len(digits), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, 10)
+    return torch.cat(out) if out else torch.zeros(0, len(model.classes))
 
 
 def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[Prediction]:
@@ -74,9 +81,11 @@ def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[P
     if ready:
         probs = class_probabilities(model, torch.from_numpy(np.stack([p.prepared for p in ready])))
         for prediction, p in zip(ready, probs):
-            values, digits = p.topk(3)
+            values, digits = p.topk(min(3, len(p)))
             prediction.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
+            prediction.top3_labels = [model.classes[d] for d, _ in prediction.top3]
             prediction.digit, prediction.confidence = prediction.top3[0]
+            prediction.label = prediction.top3_labels[0]
     return predictions
 
 

@@ -1,6 +1,8 @@
-"""Fetch a file from a list of mirrors, verifying its SHA-256, writing it atomically.
+"""Fetch a file from a list of mirrors, verifying its checksum, writing it atomically.
 
-Each mirror is tried in order; transient failures (timeouts, refused connections, 5xx) are
+The file passes if it has the published size (where known) and digest (SHA-256, or MD5 where only
+that is published), or if an `accept` check given by the caller passes it (the same data in
+another compression: see lenet5.data.catalog). Each mirror is tried in order; transient failures (timeouts, refused connections, 5xx) are
 retried a bounded number of times with a growing pause, permanent ones (404, wrong checksum,
 an HTML page instead of data) move straight on to the next mirror. The file is streamed into a
 temporary file beside its destination and renamed only once its size and checksum match, so a
@@ -33,8 +35,8 @@ class _Permanent(Exception):
     """A failure that retrying the same mirror will not fix."""
 
 
-def _fetch_once(url: str, tmp: Path, name: str, size: int, sha256: str, timeout: float,
-                progress: Progress | None) -> None:
+def _fetch_once(url: str, tmp: Path, name: str, size: int | None, sha256: str | None, md5: str | None,
+                accept: Callable[[Path], bool] | None, limit: int, timeout: float, progress: Progress | None) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -42,7 +44,7 @@ def _fetch_once(url: str, tmp: Path, name: str, size: int, sha256: str, timeout:
         if e.code >= 500 or e.code == 429:
             raise OSError(f"HTTP {e.code} {e.reason}") from None
         raise _Permanent(f"HTTP {e.code} {e.reason}") from None
-    digest = hashlib.sha256()
+    digest, md5_digest = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     done = 0
     with response, open(tmp, "wb") as out:
         content_type = response.headers.get("Content-Type", "")
@@ -52,24 +54,40 @@ def _fetch_once(url: str, tmp: Path, name: str, size: int, sha256: str, timeout:
             if done == 0 and chunk.lstrip()[:1] == b"<":
                 raise _Permanent("served an HTML page, not the data file")
             done += len(chunk)
-            if done > size:
-                raise _Permanent(f"sent more than the expected {size} bytes")
+            if done > limit:
+                raise _Permanent(f"sent more than the expected {limit} bytes")
             digest.update(chunk)
+            md5_digest.update(chunk)
             out.write(chunk)
             if progress:
-                progress(name, done, size)
+                progress(name, done, size or 0)
         out.flush()
         os.fsync(out.fileno())
-    if done < size:
-        raise OSError(f"truncated: expected {size} bytes, got {done}")
-    if digest.hexdigest() != sha256:
-        raise _Permanent(f"checksum mismatch: expected sha256 {sha256[:12]}..., got {digest.hexdigest()[:12]}...")
+    published = (size is None or done == size) and (sha256 or md5) and \
+        (sha256 is None or digest.hexdigest() == sha256) and (md5 is None or md5_digest.hexdigest() == md5)
+    if published or (accept is not None and accept(tmp)):
+        return
+    if size is not None and done < size:
+        raise OSError(f"truncated: expected {size} bytes, got {done}" + ("; nor is its content the published one"
+                                                                         if accept is not None else ""))
+    kind, want, got = ("sha256", sha256, digest.hexdigest()) if sha256 else ("md5", md5, md5_digest.hexdigest())
+    raise _Permanent(f"checksum mismatch: expected {kind} {str(want)[:12]}..., got {got[:12]}...")
 
 
-def download_file(name: str, size: int, sha256: str, dest_dir: Path, mirrors: Sequence[str], *,
+def download_file(name: str, size: int | None, sha256: str | None, dest_dir: Path, mirrors: Sequence[str], *,
+                  md5: str | None = None, accept: Callable[[Path], bool] | None = None, max_bytes: int | None = None,
                   timeout: float = 30.0, retries: int = 2, backoff: float = 1.0,
                   progress: Progress | None = None) -> Path:
-    """Download `name` from the first mirror that delivers it intact; returns its final path."""
+    """Download `name` from the first mirror that delivers it intact; returns its final path.
+
+    `size` (None: not published) and `sha256` or `md5` describe the published file; `accept(path)`
+    may pass a file that is not byte-for-byte the published one; `max_bytes` bounds a download
+    whose size is not published, or whose accepted forms may be larger."""
+    if not (sha256 or md5 or accept):
+        raise DownloadError(f"{name}: nothing to verify a download against")
+    limit = max(size or 0, max_bytes or 0)
+    if not limit:
+        raise DownloadError(f"{name}: no size or bound for the download")
     if not mirrors:
         raise DownloadError(f"{name}: no mirrors to download from")
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +99,7 @@ def download_file(name: str, size: int, sha256: str, dest_dir: Path, mirrors: Se
             fd, tmp = create_temp(final)  # mode 0666 less the umask, as the final file should have
             os.close(fd)
             try:
-                _fetch_once(url, tmp, name, size, sha256, timeout, progress)
+                _fetch_once(url, tmp, name, size, sha256, md5, accept, limit, timeout, progress)
                 os.replace(tmp, final)
                 return final
             except _Permanent as e:

@@ -178,6 +178,16 @@ def rbf_prototypes() -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def random_prototypes(classes: int, seed: int = 1998) -> torch.Tensor:
+    """(classes, 84) fixed +1/-1 codes for a data set other than the ten digits.
+
+    Section II.B: for classes without a hand-drawn bitmap the paper notes the parameter vectors
+    "could have been chosen at random with equal probabilities for -1 and +1". Drawn from a fixed
+    seed, so the same class count always gets the same codes (they are also saved as a buffer)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (classes, 84), generator=generator).float() * 2 - 1
+
+
 def squash(a: torch.Tensor) -> torch.Tensor:
     """f(a) = A tanh(S a), eq. 6 (appendix A)."""
     return A * tanh(S * a)
@@ -242,7 +252,7 @@ class EuclideanRBF(nn.Module):
         self.register_buffer("prototypes", prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x[:, None, :] - self.prototypes[None]).pow(2).sum(-1)  # (B, 10) penalties
+        return (x[:, None, :] - self.prototypes[None]).pow(2).sum(-1)  # (B, classes) penalties
 
 
 @register_model("lenet5-1998")
@@ -255,10 +265,12 @@ class LeNet5_1998(DigitClassifier):
     display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
     label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
-    def __init__(self, j: float = 0.1):
+    def __init__(self, j: float = 0.1, num_classes: int = 10):
         super().__init__()
         if j <= 0:
             raise ValueError("j, the 'rubbish class' constant of eq. 9, must be positive")
+        if not 2 <= num_classes <= 1000:
+            raise ValueError(f"num_classes must be 2 to 1000, got {num_classes}")
         self.j = j
         self.C1 = nn.Conv2d(1, 6, 5)  # (B, 6, 28, 28)
         self.S2 = Subsampling(6)  # (B, 6, 14, 14)
@@ -266,7 +278,9 @@ class LeNet5_1998(DigitClassifier):
         self.S4 = Subsampling(16)  # (B, 16, 5, 5)
         self.C5 = nn.Conv2d(16, 120, 5)  # (B, 120, 1, 1): a convolution, so larger inputs still work
         self.F6 = nn.Linear(120, 84)
-        self.output = EuclideanRBF(rbf_prototypes())
+        # Ten classes get the paper's digit bitmaps (for another ten-class set they are just ten
+        # distinct codes); any other count gets random codes, as section II.B allows.
+        self.output = EuclideanRBF(rbf_prototypes() if num_classes == 10 else random_prototypes(num_classes))
         for layer, fan_in in ((self.C1, 25), (self.C5, 16 * 25), (self.F6, 120)):
             lecun_uniform_(layer.weight, fan_in)
             lecun_uniform_(layer.bias, fan_in)

@@ -25,6 +25,10 @@ class DigitClassifier(nn.Module):
 
     registry_name: str = ""
     init_args: dict[str, Any]
+    # What the outputs mean: the data set trained on and its class names, by output index. Set by
+    # whoever knows (training, from its data set; loading, from the checkpoint); MNIST by default.
+    dataset: str = "mnist"
+    classes: tuple[str, ...] = tuple("0123456789")
     # Whether bf16 autocast speeds training up where bf16 is native (`--precision auto` asks):
     # true for wide layers; a model of narrow layers or with exact fp32 arithmetic says no.
     bf16_pays: bool = True

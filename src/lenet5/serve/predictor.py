@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from lenet5.checkpoint import load_checkpoint
+from lenet5.data import describe_dataset
 from lenet5.data.transforms import to_model_input
 from lenet5.explain import explain_digit
 from lenet5.models import count_parameters, describe
@@ -117,10 +118,14 @@ class Predictor:
         self.model, self.meta, self.path = loaded.model, loaded.meta, loaded.path
 
     def info(self) -> dict[str, Any]:
+        spec = describe_dataset(self.model.dataset)
+        noun = spec.noun if spec else "an image"
         return {"name": self.meta["model"], "description": describe(self.meta["model"]),
                 "parameters": count_parameters(self.model), "epoch": self.meta.get("epoch"),
                 "metrics": self.meta.get("metrics", {}), "checkpoint": self.path.name,
-                "input": "an image of one digit, any size; or 28x28 pixels 0-255, ink high"}
+                "dataset": self.model.dataset, "dataset_title": spec.title if spec else self.model.dataset,
+                "classes": list(self.model.classes), "noun": noun,
+                "input": f"an image of {noun}, any size; or 28x28 pixels 0-255, ink high"}
 
     def from_image(self, data: bytes, maps: bool) -> dict[str, Any]:
         """An uploaded image, decoded within `lenet5.imagefile`'s bounds like `lenet5 predict`'s files."""
@@ -151,8 +156,9 @@ class Predictor:
                 x = to_model_input(torch.from_numpy(digit)[None])
                 probabilities = self.model.probabilities(x)[0].numpy()
         rounded = [round(float(p), 6) for p in probabilities]
-        result = {"digit": int(np.argmax(probabilities)), "confidence": max(rounded), "probabilities": rounded,
-                  "prepared": _png(digit), "model": self.meta["model"]}
+        index = int(np.argmax(probabilities))
+        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded),
+                  "probabilities": rounded, "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
             result["maps"] = layer_images(explanation.maps, explanation.display_shapes)
         result["inference_ms"] = round(1000 * (time.perf_counter() - started), 3)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lenet5.data.augment import check_augment
+from lenet5.data.catalog import check_dataset_name, dataset_names
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
 
@@ -38,6 +39,9 @@ def _opt(help: str, **extra: Any) -> dict[str, Any]:
 @dataclass
 class TrainConfig:
     model: str = field(default="keras-lenet", metadata=_opt("registered model name (see `lenet5 models`)"))
+    dataset: str = field(default="mnist", metadata=_opt(
+        "data set: " + ", ".join(dataset_names()) + " (four IDX files in FOLDER; class names from its "
+        "classes.txt if there is one); the model gets one output per class"))
     epochs: int = field(default=3, metadata=_opt("passes over the training set"))
     batch_size: int = field(default=32, metadata=_opt("training images per step"))
     optimizer: str = field(default="rmsprop", metadata=_opt("optimizer", choices=OPTIMIZERS))
@@ -69,6 +73,9 @@ class TrainConfig:
         "augmentation of every training batch, on its device (lenet5.data.augment): none, robust (random "
         "warps with elastic distortion, stroke width, low resolution, blur, contrast, noise), or ops joined "
         "by '+' (warp, stroke_width, low_resolution, blur, contrast, noise); after --distort if both"))
+    flip: bool = field(default=False, metadata=_opt(
+        "flip every training image left-right with probability 1/2 (for classes that are mirror-symmetric, "
+        "like clothes; wrong for digits and letters)"))
     eval_train: bool = field(default=False, metadata=_opt(
         "also measure loss and error on the whole (undistorted) training set after each epoch"))
     seed: int = field(default=0, metadata=_opt("seed for initialisation and shuffling"))
@@ -124,6 +131,7 @@ class TrainConfig:
         self._check_types()
         if self.model not in list_models():
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        check_dataset_name(self.dataset)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -249,4 +257,9 @@ RECIPES: dict[str, Recipe] = {
          "schedule": "onecycle", "label_smoothing": 0.1, "ema": 0.999, "distort": True, "epochs": 15,
          "val_split": 5000}),
     "fast-gpu": Recipe("what `fast` picks on a GPU: keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs", _FAST_GPU),
+    "fashion": Recipe(
+        "Fashion-MNIST: keras-lenet, Adam 2e-3 one-cycle, batch 128, 12 epochs, random flips and affine "
+        "distortions of every batch (docs/results/datasets.md)",
+        {"dataset": "fashion-mnist", "model": "keras-lenet", "lr": 2e-3, "batch_size": 128, "epochs": 12,
+         "flip": True, "distort": True, **_ONE_CYCLE}),
 }

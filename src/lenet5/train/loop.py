@@ -26,8 +26,10 @@ from typing import Any, Sequence
 import torch
 
 from lenet5 import distributed
-from lenet5.data import MNIST, Split
+from lenet5.data import Dataset, Split
 from lenet5.data.augment import augmentation
+from lenet5.data.catalog import canonical_name
+from lenet5.data.transforms import compose, random_hflip
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
@@ -133,9 +135,9 @@ def _summary(config: TrainConfig, model: DigitClassifier, history: list[dict[str
     return summary
 
 
-def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Sequence[Callback] = (),
+def fit(config: TrainConfig, data: Dataset, run_dir: str | Path, *, callbacks: Sequence[Callback] = (),
         resume: bool = False) -> FitResult:
-    """Train `config` on `mnist`, writing the run folder after every epoch.
+    """Train `config` on `data` (the data set `config.dataset` names), writing the run folder after every epoch.
 
     A new run refuses a folder that already holds one (ConfigError). With ``resume=True`` the run
     continues from ``run_dir``'s last committed epoch (weights, optimizer, schedule, RNG and
@@ -149,18 +151,21 @@ def fit(config: TrainConfig, mnist: MNIST, run_dir: str | Path, *, callbacks: Se
     """
     threads = torch.get_num_threads()
     try:
-        return _fit(config, mnist, Path(run_dir), callbacks, resume)
+        return _fit(config, data, Path(run_dir), callbacks, resume)
     finally:
         torch.set_num_threads(threads)  # the governor's or --threads' count stays inside the run
 
 
-def _fit(config: TrainConfig, mnist: MNIST, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
+def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
     config.validate()
+    if canonical_name(data.name) != canonical_name(config.dataset):
+        raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     world, device, governor = _start(config)
     callbacks = callbacks if world.is_main else ()
-    splits = _splits(config, mnist, device, world)
+    splits = _splits(config, data, device, world)
+    augment = compose(augmentation(config.augment, distort=config.distort), random_hflip if config.flip else None)
     step = TrainStep.build(config, device, steps_per_epoch(len(splits.train), config.batch_size), world=world,
-                           governor=governor, augment=augmentation(config.augment, distort=config.distort))
+                           governor=governor, augment=augment, data=data)
     if world.distributed:  # distortions draw from the global generator: a different stream per rank
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     folder = RunFolder(run_dir)
@@ -205,9 +210,9 @@ def _start(config: TrainConfig) -> tuple[World, torch.device, ThreadGovernor | N
     return world, device, ThreadGovernor(usable_cores())
 
 
-def _splits(config: TrainConfig, mnist: MNIST, device: torch.device, world: World) -> Splits:
-    train, val = split_validation(mnist.train.head(config.train_samples), config.val_split)
-    splits = Splits(train.to(device), val.to(device) if val else None, mnist.test.head(config.test_samples).to(device))
+def _splits(config: TrainConfig, data: Dataset, device: torch.device, world: World) -> Splits:
+    train, val = split_validation(data.train.head(config.train_samples), config.val_split)
+    splits = Splits(train.to(device), val.to(device) if val else None, data.test.head(config.test_samples).to(device))
     n, batch = len(splits.train), config.batch_size
     if batch > n:
         raise ConfigError(f"--batch-size {batch} is larger than the {n} training images")
@@ -316,7 +321,7 @@ def _save_epoch(folder: RunFolder, step: TrainStep, config: TrainConfig, history
                        summary=_summary(config, step.model, history), title=_title(config))
 
 
-def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
+def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
            callbacks: Sequence[Callback] = (), **host: Any) -> FitResult:
     """Continue an interrupted run from its folder (optionally for more epochs than planned).
 
@@ -332,4 +337,4 @@ def resume(run_dir: str | Path, mnist: MNIST, *, epochs: int | None = None,
     if unknown:
         raise ConfigError(f"--resume may change only {', '.join(HOST_SETTINGS)} and --epochs, not {', '.join(unknown)}")
     config = dataclasses.replace(config, **host)  # validates
-    return fit(config, mnist, folder.path, callbacks=callbacks, resume=True)
+    return fit(config, data, folder.path, callbacks=callbacks, resume=True)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from lenet5 import distributed
-from lenet5.data import Split
+from lenet5.data import Dataset, Split
 from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
 from lenet5.hardware import PrecisionChoice, choose_precision
@@ -71,10 +71,14 @@ class TrainStep:
     @classmethod
     def build(cls, config: TrainConfig, device: torch.device, steps_per_epoch: int, *,
               world: World = World(), governor: ThreadGovernor | None = None,
-              augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "TrainStep":
-        """The model (initialised from `config.seed`), optimizer, schedule and precision of `config`."""
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              data: Dataset | None = None) -> "TrainStep":
+        """The model (initialised from `config.seed`, with one output per class of `data`, MNIST's
+        ten digits by default), optimizer, schedule and precision of `config`."""
         torch.manual_seed(config.seed)
-        model = create_model(config.model).to(device, memory_format=torch.channels_last)
+        classes = data.classes if data is not None else tuple(str(d) for d in range(10))
+        model = create_model(config.model, num_classes=len(classes)).to(device, memory_format=torch.channels_last)
+        model.dataset, model.classes = (data.name, data.classes) if data is not None else ("mnist", classes)
         optimizer = build_optimizer(model.parameters(), config)
         scheduler = build_schedule(optimizer, config, steps_per_epoch)
         precision = choose_precision(config.precision, device, model_class(config.model).bf16_pays)

@@ -1,5 +1,6 @@
 // The draw-a-digit page: strokes on a canvas, a debounced POST of the canvas as PNG to
 // /v1/predict?maps=true, and the answer drawn as bars, the 28x28 input and every layer's maps.
+// The classes (and what to draw) come from /v1/model: digits for MNIST, clothes for Fashion-MNIST...
 "use strict";
 
 const canvas = document.getElementById("canvas");
@@ -13,6 +14,7 @@ const mapsOut = document.getElementById("maps");
 const DEBOUNCE_MS = 120;
 
 let drawing = false, inked = false, timer = null, inFlight = null, pending = false;
+let classes = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 
 function resetCanvas() {
   ctx.fillStyle = "#fff";
@@ -25,12 +27,14 @@ function resetCanvas() {
 
 function buildBars() {
   bars.innerHTML = "";
-  for (let d = 0; d < 10; d++) {
+  bars.style.setProperty("--name-width", `${Math.max(1.2, 0.62 * Math.max(...classes.map((c) => c.length)))}em`);
+  classes.forEach((name) => {
     const li = document.createElement("li");
-    li.innerHTML = `<span>${d}</span><span class="track"><span class="fill"></span></span><span class="pct">0%</span>`;
-    li.setAttribute("aria-label", `digit ${d}: 0 percent`);
+    li.innerHTML = '<span class="name"></span><span class="track"><span class="fill"></span></span><span class="pct">0%</span>';
+    li.querySelector(".name").textContent = name;  // text, never markup: names come from the checkpoint
+    li.setAttribute("aria-label", `${name}: 0 percent`);
     bars.appendChild(li);
-  }
+  });
 }
 
 function point(event) {
@@ -86,14 +90,14 @@ async function predict() {
 }
 
 function show(result) {
-  digitOut.textContent = String(result.digit);
+  digitOut.textContent = result.label ?? String(result.digit);
   confidenceOut.textContent = `${(100 * result.confidence).toFixed(1)}% sure`;
   bars.querySelectorAll("li").forEach((li, d) => {
     const p = result.probabilities[d];
     li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
     li.querySelector(".pct").textContent = `${(100 * p).toFixed(0)}%`;
     li.classList.toggle("top", d === result.digit);
-    li.setAttribute("aria-label", `digit ${d}: ${(100 * p).toFixed(0)} percent`);
+    li.setAttribute("aria-label", `${classes[d]}: ${(100 * p).toFixed(0)} percent`);
   });
   prepared.src = result.prepared;
   mapsOut.innerHTML = "";
@@ -131,9 +135,18 @@ document.addEventListener("keydown", (event) => {
 });
 
 fetch("/v1/model").then((r) => r.json()).then((m) => {
+  const title = m.dataset_title || "MNIST";
   document.getElementById("model").textContent =
-    `${m.name}: ${m.parameters.toLocaleString()} parameters` +
-    (m.metrics && m.metrics.test_acc ? `, ${(100 * m.metrics.test_acc).toFixed(2)}% on MNIST's test set` : "");
+    `${m.name}: ${m.parameters.toLocaleString()} parameters, trained on ${title}` +
+    (m.metrics && m.metrics.test_acc ? `, ${(100 * m.metrics.test_acc).toFixed(2)}% on its test set` : "");
+  if (m.classes && m.classes.length) { classes = m.classes; buildBars(); }
+  if (m.noun) {
+    const heading = `Draw ${m.noun}`;
+    document.querySelector("h1").textContent = heading;
+    if (m.noun !== "a digit") document.getElementById("draw-label").textContent = "Your drawing";
+    document.title = `lenet5: ${heading.toLowerCase()}`;
+    bars.setAttribute("aria-label", "Probability of each class");
+  }
 }).catch(() => { document.getElementById("model").textContent = "model information unavailable"; });
 
 resetCanvas();
