@@ -127,7 +127,7 @@ def test_predict_command_reports_each_file(mnist, trained, tmp_path, capsys):
     assert (tmp_path / "prepared" / "seven.28x28.png").is_file()
     code = main(["predict", str(trained.run_dir), str(tmp_path), "--csv"])  # a folder: its images only
     out, _ = capsys.readouterr()
-    assert out.splitlines()[0] == "file,digit,confidence,top3,error" and "notes.txt" not in out
+    assert out.splitlines()[0] == "file,digit,confidence,top3,error,unsure" and "notes.txt" not in out
 
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 setgray 4 4 moveto 24 24 lineto stroke showpage\n%%EOF\n"

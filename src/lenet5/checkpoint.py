@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import lenet5
+from lenet5.calibration import check_calibration
 from lenet5.errors import CheckpointError, one_line
 from lenet5.fileio import atomic_write_bytes
 from lenet5.models import DigitClassifier, create_model, list_models, model_class
@@ -49,8 +50,10 @@ class Checkpoint:
 
 
 def checkpoint_files(model: DigitClassifier, *, config: dict[str, Any] | None = None, epoch: int | None = None,
-                     metrics: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
-    """The bytes of ``NAME.safetensors`` and of its ``NAME.json`` sidecar."""
+                     metrics: dict[str, Any] | None = None,
+                     calibration: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
+    """The bytes of ``NAME.safetensors`` and of its ``NAME.json`` sidecar. `calibration`: see
+    lenet5.calibration (absent from older checkpoints, which then get its default rule)."""
     meta = {
         "format": FORMAT,
         "model": model.registry_name,
@@ -61,16 +64,19 @@ def checkpoint_files(model: DigitClassifier, *, config: dict[str, Any] | None = 
         "lenet5_version": lenet5.__version__,
         "torch_version": torch.__version__,
     }
+    if calibration is not None:
+        meta["calibration"] = calibration
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     return weights, (json.dumps(meta, indent=2) + "\n").encode()
 
 
 def save_checkpoint(path: str | Path, model: DigitClassifier, *, config: dict[str, Any] | None = None,
-                    epoch: int | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                    epoch: int | None = None, metrics: dict[str, Any] | None = None,
+                    calibration: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its JSON sidecar atomically; returns the weights' path."""
     path = Path(path).with_suffix(".safetensors")
-    weights, sidecar = checkpoint_files(model, config=config, epoch=epoch, metrics=metrics)
+    weights, sidecar = checkpoint_files(model, config=config, epoch=epoch, metrics=metrics, calibration=calibration)
     atomic_write_bytes(path, weights)
     atomic_write_bytes(path.with_suffix(".json"), sidecar)
     return path
@@ -170,6 +176,8 @@ def check_metadata(path: Path, meta: Any) -> dict[str, Any]:
     for key in ("lenet5_version", "torch_version"):
         if not isinstance(meta.get(key, ""), str):
             problems.append(f"{key} must be a string")
+    if meta.get("calibration") is not None:
+        problems.append(check_calibration(meta["calibration"]))
     problem = next((p for p in problems if p), None)
     if problem:
         raise CheckpointError(f"{path}: damaged lenet5 metadata: {problem}")
@@ -222,3 +230,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except Exception as e:  # cannot happen after the checks above; still one line if it does
         raise CheckpointError(f"{path}: weights do not fit model {name!r}: {one_line(e)}") from None
     return Checkpoint(model=model.to(device).eval(), meta=meta, path=path)
+
+
+def store_calibration(checkpoint: Checkpoint, calibration: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint's file (and sidecar) with `calibration` in its metadata, weights unchanged."""
+    meta = checkpoint.meta
+    return save_checkpoint(checkpoint.path, checkpoint.model, config=meta.get("config"), epoch=meta.get("epoch"),
+                           metrics=meta.get("metrics"), calibration=calibration)

@@ -194,6 +194,7 @@ class Recipe:
     summary: str
     options: dict[str, Any]
     by_class: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # class -> (why, options)
+    calibrate: bool = False  # `lenet5 train` then calibrates the best checkpoint (lenet5.calibration)
 
     def options_for(self, hardware: str) -> dict[str, Any]:
         return dict(self.by_class[hardware][1] if hardware in self.by_class else self.options)

@@ -87,7 +87,8 @@ async function predict() {
 
 function show(result) {
   digitOut.textContent = String(result.digit);
-  confidenceOut.textContent = `${(100 * result.confidence).toFixed(1)}% sure`;
+  confidenceOut.textContent = `${(100 * result.confidence).toFixed(1)}% sure`
+    + (result.unsure ? " (unsure: this may not be a digit)" : "");
   bars.querySelectorAll("li").forEach((li, d) => {
     const p = result.probabilities[d];
     li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
