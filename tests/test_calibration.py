@@ -140,3 +140,10 @@ def test_the_service_answers_with_the_calibrated_confidence(run, mnist, tmp_path
     expected = class_probabilities(model, torch.from_numpy(digit)[None], temperature=2.0)[0]
     np.testing.assert_allclose(fast["probabilities"], expected.numpy(), atol=1e-5)
     assert fast["calibrated"] is True and fast["unsure"] == (fast["confidence"] < 0.8)
+
+
+def test_train_refuses_to_calibrate_without_held_out_digits(mnist_dir, tmp_path, capsys):
+    code = main(["train", "--recipe", "robust", "--train-samples", "0", "--data-dir", str(mnist_dir), "--offline",
+                 "--out-dir", str(tmp_path)])
+    assert code == 2 and "--calibrate needs training digits the run does not train on" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -173,6 +173,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
+        if args.calibrate and not 0 < config.train_samples < 60_000:
+            raise ConfigError("--calibrate needs training digits the run does not train on: give --train-samples "
+                              "below 60,000 (e.g. 55000), or --no-calibrate")
         device = config.device
     world = distributed.init(device)  # a no-op unless torchrun started this process
     progress = [] if args.quiet or not world.is_main else [ConsoleProgress()]
