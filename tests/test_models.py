@@ -15,6 +15,7 @@ EXPECTED_PARAMETERS = {
     "lenet5-1998": 60_000,  # the paper, section II.B
     "lenet5-modern": 56_042,  # within the paper's 60,000
     "slim-lenet": 21_258,
+    "robust-lenet": 82_258,
 }
 
 
@@ -80,7 +81,7 @@ def test_activations_name_every_layer_and_end_in_the_output(name):
         assert value.shape[0] == 2 and torch.isfinite(value).all(), key
 
 
-@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet"])
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet", "robust-lenet"])
 def test_pooling_before_relu_is_the_same_function(name, mnist):
     """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order."""
     torch.manual_seed(0)

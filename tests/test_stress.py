@@ -97,3 +97,35 @@ def test_the_cache_is_made_once_and_read_back(mnist, tmp_path, monkeypatch):
     path.write_bytes(b"damaged")
     load_stress_sets(test, tmp_path, on_make=made.append)
     assert len(made) == 2  # a damaged cache is made again
+
+
+def test_evaluate_stress_prints_every_set_beside_the_clean_test_set(mnist, mnist_dir, sets, tmp_path, capsys):
+    """The CLI's table, over a small stand-in for the cached sets (making all of them takes minutes)."""
+    import io
+    import json
+
+    from lenet5.checkpoint import save_checkpoint
+    from lenet5.cli import main
+    from lenet5.data.stress import _cache_file
+    from lenet5.models import create_model
+
+    arrays = {f"{n}/{k}": getattr(s, k).numpy() for n, s in sets.items() for k in ("images", "labels")}
+    arrays.update({f"nondigits/{k}": v for k, v in make_nondigits(per_kind=4).items()})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    _cache_file(mnist.test, tmp_path).write_bytes(buffer.getvalue())
+    checkpoint = save_checkpoint(tmp_path / "model", create_model("slim-lenet"))
+    common = ["evaluate", str(checkpoint), "--stress", "--stress-dir", str(tmp_path), "--data-dir", str(mnist_dir),
+              "--offline"]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "unsure: default rule (no calibration stored)" in out
+    assert "set             images  accuracy   unsure  accuracy when sure" in out
+    assert "clean           10,000" in out and "photographed        30" in out and "userlike            30" in out
+    assert "non-digits: letters" in out
+    assert main(common + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["set"] for r in result["digits"]] == ["clean", *sets]
+    assert [r["set"] for r in result["nondigits"]] == list(KINDS)
+    assert main(common + ["--test-samples", "10"]) == 2
+    assert "--stress uses the whole test set" in capsys.readouterr().err

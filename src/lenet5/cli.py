@@ -178,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device, dataset = given.get("device") or saved.device, saved.dataset
     else:
         base = {}
+        if args.calibrate is None and args.recipe:
+            args.calibrate = RECIPES[args.recipe].calibrate
         if args.recipe:
             hardware = hardware_class(resolve_device(given.get("device", "auto")))
             base = RECIPES[args.recipe].options_for(hardware)
@@ -188,6 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
+        if args.calibrate and not 0 < config.train_samples < 60_000:
+            raise ConfigError("--calibrate needs training digits the run does not train on: give --train-samples "
+                              "below 60,000 (e.g. 55000), or --no-calibrate")
         device, dataset = config.device, config.dataset
     world = distributed.init(device)  # a no-op unless torchrun started this process
     try:
@@ -207,6 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if not world.is_main:
         return 0
+    if args.calibrate:
+        from lenet5.calibration import calibrate_checkpoint
+
+        calibration, path = calibrate_checkpoint(result.run_dir, load_data(args),
+                                                 device=given.get("device", "auto"))
+        _print_calibration(calibration, path)
     m = result.metrics
     if m["best_selected_by"] == "val_acc":
         best = (f"best validation accuracy {m['best_val_acc']:.2%} at epoch {m['best_epoch']} "
@@ -308,6 +319,8 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.test_samples < 0:
         raise ConfigError("--batch-size must be positive and --test-samples not negative")
+    if args.stress and (args.report or args.test_samples):
+        raise ConfigError("--stress uses the whole test set and writes no report: leave out --report and --test-samples")
     if args.report:
         from lenet5.analysis import report_folder
 
@@ -316,6 +329,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = load_data(args, args.dataset or checkpoint.dataset)
+    if args.stress:
+        return _evaluate_stress(args, data)
     result = evaluate_checkpoint(args.checkpoint, data, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
     if args.report:
@@ -339,32 +354,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_stress(path: Path) -> None:
+    print(f"making the stress sets from the test digits, once (a few minutes on 2 cores); cache: {path}",
+          file=sys.stderr, flush=True)
+
+
+def _evaluate_stress(args: argparse.Namespace, mnist) -> int:
+    from lenet5.evaluate import evaluate_stress
+
+    result = evaluate_stress(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
+                             cache_dir=args.stress_dir, on_make=_announce_stress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']}: {result['model']} ({result['parameters']:,} parameters), epoch {result['epoch']}")
+    print(f"unsure: {result['calibration']}")
+    print(f"{'set':<14} {'images':>7} {'accuracy':>9} {'unsure':>8} {'accuracy when sure':>19}")
+    for row in result["digits"]:
+        sure = "-" if row["accuracy_when_sure"] is None else f"{row['accuracy_when_sure']:.2%}"
+        print(f"{row['set']:<14} {row['images']:>7,} {row['accuracy']:>9.2%} {row['unsure']:>8.2%} {sure:>19}")
+    for row in result["nondigits"]:
+        print(f"{'non-digits: ' + row['set']:<24} {row['images']:>7,} {'':>9} {row['unsure']:>8.2%}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lenet5.calibration import calibrate_checkpoint
+
+    calibration, path = calibrate_checkpoint(args.checkpoint, load_data(args), device=args.device,
+                                             target_error=args.target_error)
+    _print_calibration(calibration, path)
+    return 0
+
+
+def _print_calibration(calibration, path: Path) -> None:
+    print(f"{path}: {calibration.rule()}")
+    print(f"fitted on {calibration.heldout}: {calibration.heldout_rejected:.2%} of them marked unsure, "
+          f"error {calibration.heldout_error:.2%} on the rest")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictions = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
-                                     save_prepared=args.save_prepared)
+    predictions, calibration = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
+                                                  save_prepared=args.save_prepared)
     if not predictions:
         raise ConfigError("no image files found in the given folders")
     if args.json:
-        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        print(json.dumps([p.as_dict() | {"calibrated": calibration.fitted} for p in predictions], indent=2))
     elif args.csv:
         import csv
 
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["file", "digit", "label", "confidence", "top3", "error"])
+        writer.writerow(["file", "digit", "label", "confidence", "top3", "error", "unsure"])
         for p in predictions:
             writer.writerow([p.file, "" if p.digit is None else p.digit, p.label or "",
                              "" if p.confidence is None else f"{p.confidence:.4f}",
-                             " ".join(f"{name}:{v:.3f}" for (_, v), name in zip(p.top3, p.top3_labels)), p.error or ""])
+                             " ".join(f"{name}:{v:.3f}" for (_, v), name in zip(p.top3, p.top3_labels)), p.error or "",
+                             "" if p.unsure is None else str(p.unsure).lower()])
     else:
         width = max(len(p.file) for p in predictions)
         label_width = max([5] + [len(p.label) for p in predictions if p.label])
-        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  top-3")
+        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  {'':6}  top-3")
         for p in predictions:
             if p.error:
                 print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
             else:
                 top = "  ".join(f"{name} {v:.1%}" for (_, v), name in zip(p.top3, p.top3_labels))
-                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  {top}")
+                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  "
+                      f"{'unsure' if p.unsure else '':6}  {top}")
+        print(f"unsure: {calibration.rule()}")
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"lenet5 predict: {failed} of {len(predictions)} file(s) could not be used", file=sys.stderr)
@@ -469,6 +526,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     data = load_data(args, args.dataset)
+    if args.what == "stress":
+        return _data_stress(args, data)
     print(f"{data.title} in {data.root}: {len(data.classes)} classes ({', '.join(data.classes[:12])}"
           f"{', ...' if len(data.classes) > 12 else ''})")
     for path, status in check_files(data):  # every file re-verified in full each time `lenet5 data` runs
@@ -476,6 +535,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     for name, split in (("train", data.train), ("test", data.test)):
         counts = split.class_counts(len(data.classes))
         print(f"  {name:<5} {len(split):>7,} images 28x28, per class: {' '.join(map(str, counts))}")
+    return 0
+
+
+def _data_stress(args: argparse.Namespace, mnist) -> int:
+    from lenet5.data.stress import load_stress_sets
+
+    sets, nondigits, path = load_stress_sets(mnist.test, args.stress_dir, refresh=args.refresh,
+                                             on_make=_announce_stress)
+    print(f"stress sets of the MNIST test digits in {path}")
+    for name, split in sets.items():
+        print(f"  {name:<13} {len(split):>6,} digits")
+    for name, images in nondigits.items():
+        print(f"  non-digits: {name:<10} {len(images):>6,} images")
+    if args.samples:
+        from lenet5.fileio import atomic_write_bytes
+        from lenet5.plots import plot_digit_gallery
+
+        rows = [("clean", mnist.test.images)] + [(n, s.images) for n, s in sets.items()] + list(nondigits.items())
+        images = [r[i].numpy() for _, r in rows for i in range(12)]
+        captions = [name if i == 0 else "" for name, _ in rows for i in range(12)]
+        atomic_write_bytes(args.samples, plot_digit_gallery(images, captions, columns=12,
+                                                            title="Stress sets and non-digits, as the model sees them"))
+        print(f"wrote {args.samples}")
     return 0
 
 
@@ -498,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="start from this config.json (over --recipe; options typed here "
                      "override it)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                     help="after training, fit the best checkpoint's temperature and 'unsure' threshold on the "
+                          "training digits after --train-samples (as `lenet5 calibrate`; default: the recipe's "
+                          "choice, else no)")
     run.add_argument("--quiet", action="store_true", help="print only the final summary")
     add_data_options(train)
     train.set_defaults(handler=cmd_train)
@@ -511,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", type=Path, metavar="DIR",
                     help="also write report.md with per-class precision/recall, confusion matrix (PNG, CSV), "
                          "misclassified images, rejection curve and calibration into DIR")
+    ev.add_argument("--stress", action="store_true",
+                    help="accuracy on every stress set (thick, thin, rotated, low resolution, small, off-centre, "
+                         "inverted, photographed, user-like: lenet5.data.stress) next to the clean test set, the "
+                         "share marked unsure, and the share of non-digits marked unsure (MNIST checkpoints)")
+    ev.add_argument("--stress-dir", type=Path, metavar="DIR",
+                    help="where the stress sets are cached (default: the user cache, see `lenet5 data stress`)")
     add_data_options(ev, "checkpoint")
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -586,13 +678,31 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="server processes, e.g. one per core (default: 1)")
     sv.set_defaults(handler=cmd_serve)
 
+    cal = commands.add_parser("calibrate", help="fit a checkpoint's temperature and 'unsure' threshold",
+                              description="Fit a temperature and an 'unsure' threshold (lenet5.calibration) on "
+                                          "the training digits the run did not train on and their stress versions, "
+                                          "and store them in the checkpoint, for predict and serve.")
+    cal.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    cal.add_argument("--target-error", type=float, default=0.005,
+                     help="error allowed on the held-out digits not marked unsure (default: 0.005)")
+    cal.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_data_options(cal)
+    cal.set_defaults(handler=cmd_calibrate)
+
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")
     models.set_defaults(handler=cmd_models)
 
-    data = commands.add_parser("data", help="download, verify and describe a data set",
+    data = commands.add_parser("data", help="download, verify and describe a data set; make the stress sets",
                                description="Fetch any missing file of the data set (unless --offline), verify "
-                                           "every file against its published checksum, and show what is there.")
+                                           "every file against its published checksum, and show what is there. "
+                                           "`lenet5 data stress` makes the stress sets and non-digits "
+                                           "(lenet5.data.stress, from MNIST's test digits) and caches them.")
+    data.add_argument("what", nargs="?", choices=["stress"], help="stress: make (or show) the cached stress sets")
+    data.add_argument("--stress-dir", type=Path, metavar="DIR", help="cache folder of the stress sets "
+                      "(default: the user cache)")
+    data.add_argument("--refresh", action="store_true", help="stress: make the sets again even if cached")
+    data.add_argument("--samples", type=Path, metavar="PNG", help="stress: draw 12 digits of every set into PNG")
     add_data_options(data, "mnist")
     data.set_defaults(handler=cmd_data)
     return parser

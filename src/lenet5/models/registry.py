@@ -47,9 +47,10 @@ class DigitClassifier(nn.Module):
         """Scores whose argmax is the prediction and whose softmax is the class probabilities."""
         return outputs
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B, classes) of input images x: the one expression every caller uses."""
-        return torch.softmax(self.logits(self(x)), 1)
+    def probabilities(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Class probabilities (B, classes) of input images x: the one expression every caller uses.
+        A `temperature` above 1 softens them (lenet5.calibration fits one per checkpoint)."""
+        return torch.softmax(self.logits(self(x)) / temperature, 1)
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The network as named stages run in order (a model may override `activations` instead)."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lenet5.calibration import Calibration, judge
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data import describe_dataset
 from lenet5.data.transforms import to_model_input
@@ -116,6 +117,7 @@ class Predictor:
     def __init__(self, checkpoint: str | Path):
         loaded = load_checkpoint(checkpoint, "cpu")
         self.model, self.meta, self.path = loaded.model, loaded.meta, loaded.path
+        self.calibration = Calibration.from_meta(self.meta)
 
     def info(self) -> dict[str, Any]:
         spec = describe_dataset(self.model.dataset)
@@ -125,6 +127,7 @@ class Predictor:
                 "metrics": self.meta.get("metrics", {}), "checkpoint": self.path.name,
                 "dataset": self.model.dataset, "dataset_title": spec.title if spec else self.model.dataset,
                 "classes": list(self.model.classes), "noun": noun,
+                "calibration": self.calibration.to_meta() | {"rule": self.calibration.rule()},
                 "input": f"an image of {noun}, any size; or 28x28 pixels 0-255, ink high"}
 
     def from_image(self, data: bytes, maps: bool) -> dict[str, Any]:
@@ -148,17 +151,22 @@ class Predictor:
 
     def answer(self, digit: np.ndarray, maps: bool) -> dict[str, Any]:
         started = time.perf_counter()
+        temperature = self.calibration.temperature
         if maps:
             explanation = explain_digit(self.model, digit)
-            probabilities = explanation.probabilities
+            # softmax(z / T) is softmax(z) to the power 1 / T, renormalised
+            probabilities = explanation.probabilities.astype(np.float64) ** (1 / temperature)
+            probabilities /= probabilities.sum()
         else:  # the fast path: no activations kept
             with torch.no_grad():
                 x = to_model_input(torch.from_numpy(digit)[None])
-                probabilities = self.model.probabilities(x)[0].numpy()
+                probabilities = self.model.probabilities(x, temperature)[0].numpy()
         rounded = [round(float(p), 6) for p in probabilities]
         index = int(np.argmax(probabilities))
-        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded),
-                  "probabilities": rounded, "prepared": _png(digit), "model": self.meta["model"]}
+        unsure = bool(judge(torch.as_tensor(probabilities)[None], self.calibration)[0])
+        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded), "unsure": unsure,
+                  "calibrated": self.calibration.fitted, "probabilities": rounded,
+                  "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
             result["maps"] = layer_images(explanation.maps, explanation.display_shapes)
         result["inference_ms"] = round(1000 * (time.perf_counter() - started), 3)
