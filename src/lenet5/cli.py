@@ -393,7 +393,30 @@ def _print_calibration(calibration, path: Path) -> None:
           f"error {calibration.heldout_error:.2%} on the rest")
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """Whether a command's first item names a checkpoint rather than an image or a folder of them."""
+    return path.suffix == ".safetensors" or RunFolder(path).is_run_folder()
+
+
+def _checkpoint_or_bundled(checkpoint: Path | None) -> Path:
+    """The checkpoint given, else the model shipped with the package (and a line saying so)."""
+    if checkpoint is not None:
+        return checkpoint
+    from lenet5.pretrained import RECIPE, bundled_checkpoint
+
+    path = bundled_checkpoint()
+    print(f"using the bundled model ({path.stem}, the {RECIPE} recipe's; give a checkpoint to use your own)",
+          file=sys.stderr)
+    return path
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    items = [Path(item) for item in args.items]
+    if args.checkpoint is None and _is_checkpoint(items[0]):
+        if len(items) == 1:
+            raise ConfigError(f"{items[0]} is a checkpoint: give the images to predict after it")
+        args.checkpoint, items = items[0], items[1:]
+    args.checkpoint, args.inputs = _checkpoint_or_bundled(args.checkpoint), items
     predictions, calibration = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
                                                   save_prepared=args.save_prepared)
     if not predictions:
@@ -434,6 +457,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.fileio import atomic_write_bytes
     from lenet5.runtime import resolve_device
 
+    items = [Path(item) for item in args.items]
+    if args.checkpoint is None and items and (len(items) == 2 or _is_checkpoint(items[0])):
+        args.checkpoint, items = items[0], items[1:]
+    if len(items) > 1:
+        raise ConfigError(f"explain takes one image, not {len(items)}")
+    args.image = items[0] if items else None
+    args.checkpoint = _checkpoint_or_bundled(args.checkpoint)
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     if (args.image is None) == (args.test_index is None):
         raise ConfigError("give an IMAGE or --test-index N (one of them)")
@@ -480,6 +510,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.checkpoint = _checkpoint_or_bundled(args.checkpoint)
     try:
         import uvicorn  # noqa: F401 - here so that a missing extra is a one-line error
 
@@ -634,8 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "grey, dark-on-light or light-on-dark), prepare it the way MNIST digits "
                                          "were prepared, and predict its digit. A file that cannot be used gets "
                                          "a one-line reason and the others go on; the exit status is 1 if any failed.")
-    pr.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
+    pr.add_argument("items", nargs="+", metavar="[CHECKPOINT] IMAGE|DIR",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
+                         "then image files or folders of them")
+    pr.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name (then every item is an image)")
     out = pr.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", action="store_true", help="print CSV")
@@ -646,8 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("explain", help="draw every layer's feature maps for one digit",
                              description="Prepare the image MNIST-style, run it through the model and draw the "
                                          "input, every layer's activation maps and the class probabilities.")
-    ex.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
-    ex.add_argument("image", type=Path, nargs="?", help="an image file (or use --test-index)")
+    ex.add_argument("items", nargs="*", metavar="[CHECKPOINT] [IMAGE]",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
+                         "then an image file (or use --test-index)")
+    ex.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name")
     ex.add_argument("--test-index", type=int, help="explain test image N of the data set instead of an image")
     ex.add_argument("--out", type=Path, help="PNG to write (default: IMAGE-NAME.maps.png here)")
     ex.add_argument("--max-maps", type=int, default=16, help="maps shown per layer (default: 16)")
@@ -670,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = commands.add_parser("serve", help="HTTP prediction service and the draw-a-digit page",
                              description="Serve POST /v1/predict, GET /v1/model, GET /healthz, OpenAPI docs at "
                                          "/docs and a page to draw a digit on at /.")
-    sv.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    sv.add_argument("checkpoint", type=Path, nargs="?",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default: 4)")

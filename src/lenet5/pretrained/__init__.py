@@ -1,10 +1,14 @@
 """The model that ships with the package: `lenet5 predict IMAGE`, `explain` and `serve` use it when
 no checkpoint is given, so reading your own digits needs no training and no network.
 
-It is the `robust` recipe's run (`lenet5 train --recipe robust --seed 0 --threads 2`), its best
-checkpoint copied here with `python docs/scripts/bundle_model.py RUN` (which also writes
-MODEL_CARD.md). Its metadata records the recipe's config, which tests/test_pretrained.py checks
-against the recipe, so the shipped weights are what the documented command makes.
+It is the last epoch of the `robust` recipe's run (`lenet5 train --recipe robust`, seed 0),
+calibrated with `lenet5 calibrate` and copied here with its sidecar; MODEL_CARD.md beside it says
+what it is and how well it reads which digits. Its metadata records the run's config, which
+tests/test_pretrained.py checks against the recipe, so the shipped weights are what the
+documented command makes. The trainer is deterministic for a fixed thread count on a given CPU
+class; this run (on an avx512-bf16 CPU, so in bf16 autocast) had its thread governor hold 1 thread
+in every epoch (its history records it), so `lenet5 train --recipe robust --threads 1` on a CPU
+of that class is the command to re-create it. That re-creation was not re-run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from lenet5.errors import CheckpointError
 BUNDLED = Path(__file__).resolve().parent / "robust-lenet.safetensors"
 RECIPE = "robust"
 SEED = 0
-THREADS = 2  # bit-for-bit re-creation holds for a given thread count on a given CPU class
 
 
 def bundled_checkpoint() -> Path:
