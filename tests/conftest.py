@@ -45,3 +45,13 @@ def served_run(mnist, tmp_path_factory) -> Path:
     fit(TrainConfig(model="lenet5", optimizer="adam", batch_size=64, epochs=2, train_samples=20_000,
                     test_samples=1_000), mnist, run)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _denormals_computed_again():
+    """`lenet5.cli.main` flushes denormals for the process (as a command should); tests call it
+    in-process, so each test gives the default back for the next (hypothesis, for one, needs it)."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
