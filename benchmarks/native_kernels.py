@@ -31,8 +31,7 @@ from lenet5.data import Split, load_mnist
 from lenet5.models import create_model
 from lenet5.models.layers import conv_tanh_pool, tanh
 from lenet5.runtime import flush_denormals, tune_allocator
-from lenet5.train import TrainConfig, train_epoch
-from lenet5.train.optim import build_optimizer, build_schedule
+from lenet5.train import TrainConfig, TrainStep, train_epoch
 
 FORWARD_MACS = 117_600 + 240_000 + 48_000 + 10_080 + 840
 TRAIN_FLOPS = 3 * 2 * FORWARD_MACS  # per image
@@ -57,19 +56,17 @@ def training(images: torch.Tensor, labels: torch.Tensor, batch: int, rounds: int
     runs = {}
     for path in ("native", "pytorch"):
         torch.manual_seed(0)
-        config = TrainConfig(model="lenet5", optimizer="adam", batch_size=batch)
-        model = create_model("lenet5").to(memory_format=torch.channels_last)  # as fit() does
-        optimizer = build_optimizer(model.parameters(), config)
-        runs[path] = (model, optimizer, build_schedule(optimizer, config, 1))
+        config = TrainConfig(model="lenet5", optimizer="adam", batch_size=batch, precision="fp32")
+        runs[path] = TrainStep.build(config, torch.device("cpu"), steps_per_epoch=1)  # as fit() builds it
     data = Split(images, labels)
     n = batch * steps
     rates: dict[str, list] = {"native": [], "pytorch": []}
     for r in range(rounds + 1):  # round 0 warms up (and compiles nothing: that happened before)
-        for path, (model, optimizer, scheduler) in runs.items():
+        for path, step in runs.items():
             order = torch.randperm(len(labels))[:n]
             scope = native.disabled() if path == "pytorch" else _nothing()
             with scope:
-                seconds = _timed(lambda: train_epoch(model, optimizer, scheduler, data, batch, order))
+                seconds = _timed(lambda: train_epoch(step, data, batch, order))
             if r:
                 rates[path].append(n / seconds)
     return rates
@@ -117,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the peak is then measured on as many threads, too
-    tune_allocator()  # as fit() does
+    tune_allocator()  # as `lenet5 train` does
     flush_denormals()
     native.configure(args.march)
     if not native.available():

@@ -31,8 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lenet5.data import Split, load_mnist
 from lenet5.models import create_model
 from lenet5.runtime import cpu_model
-from lenet5.train import TrainConfig, train_epoch
-from lenet5.train.optim import build_optimizer, build_schedule
+from lenet5.train import TrainConfig, TrainStep, train_epoch
 
 LOOPS = ("lenet5", "tensors", "example")
 SETTINGS = (("lenet5", 32), ("lenet5", 64), ("lenet5", 128), ("keras-lenet", 32), ("keras-lenet", 128))
@@ -58,16 +57,12 @@ def time_lenet5(name: str, images: torch.Tensor, labels: torch.Tensor, batch_siz
 
     tune_allocator()  # as `lenet5 train` does
     flush_denormals()
-    config = TrainConfig(model=name, optimizer="adam", batch_size=batch_size)
-    model = create_model(name).to(device, memory_format=torch.channels_last)  # as fit() does
-    optimizer = build_optimizer(model.parameters(), config)
-    scheduler = build_schedule(optimizer, config, 1)
+    config = TrainConfig(model=name, optimizer="adam", batch_size=batch_size, precision=precision)
+    step = TrainStep.build(config, torch.device(device), steps_per_epoch=1)  # as fit() builds it
     data = Split(images, labels).to(device)
-    train_epoch(model, optimizer, scheduler, data, batch_size, torch.arange(batch_size * 5, device=device),
-                precision=precision)
+    train_epoch(step, data, batch_size, torch.arange(batch_size * 5, device=device))
     started = time.perf_counter()
-    train_epoch(model, optimizer, scheduler, data, batch_size, torch.randperm(len(labels), device=device),
-                precision=precision)  # ends with a .item(): the GPU has finished
+    train_epoch(step, data, batch_size, torch.randperm(len(labels), device=device))  # ends with a .item()
     return len(labels) / (time.perf_counter() - started)
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import torch
+from PIL import Image
 
 from lenet5.analysis import calibration, confusion_matrix, per_class, rejection_curve, rejection_for_error
 from lenet5.checkpoint import load_checkpoint
 from lenet5.cli import main
 from lenet5.explain import explain_digit
+from lenet5.models import create_model
+from lenet5.serve.predictor import layer_images
 from lenet5.train import TrainConfig, fit
 
 
@@ -28,6 +33,12 @@ def test_figures_on_a_hand_made_example():
     assert abs(error[0] - 2 / 6) < 1e-9  # nothing rejected: 2 of 6 wrong
     calib = calibration(torch.tensor([0.95, 0.95, 0.55, 0.55]), torch.tensor([True, True, True, False]), bins=10)
     assert abs(calib["ece"] - (0.5 * 0.05 + 0.5 * 0.05)) < 1e-6
+
+
+def _picture_sizes(explanation) -> dict[str, tuple[int, int]]:
+    """(width, height) of each layer's picture on the served page."""
+    return {layer["name"]: Image.open(io.BytesIO(base64.b64decode(layer["png"].split(",", 1)[1]))).size
+            for layer in layer_images(explanation.maps, explanation.display_shapes)}
 
 
 def test_report_and_explain_commands(mnist, tmp_path, capsys, monkeypatch):
@@ -54,6 +65,13 @@ def test_report_and_explain_commands(mnist, tmp_path, capsys, monkeypatch):
     assert list(explanation.maps)[1:5] == ["C1", "S2", "C3", "S4"]
     assert explanation.maps["C1"].shape == (6, 28, 28) and explanation.maps["F6"].shape == (84,)
     assert abs(explanation.probabilities.sum() - 1) < 1e-5 and explanation.digit == 7
+    # The model, not the viewer, says how a vector layer is drawn: classic LeNet-5's F6 is a strip,
+    # the 1998 network's F6 the 7x12 bitmap its RBF output compares with.
+    assert explanation.display_shapes == {}
+    assert _picture_sizes(explanation)["F6"] == (84, 4)
+    paper = explain_digit(create_model("lenet5-1998"), mnist.test.images[0].numpy())
+    assert paper.display_shapes == {"F6": (12, 7)}
+    assert _picture_sizes(paper)["F6"] == (7, 12) and _picture_sizes(paper)["C5"] == (120, 4)
     code = main(["explain", str(run), "--test-index", "0", "--data-dir", str(mnist.root),
                  "--out", str(tmp_path / "maps.png")])
     out, _ = capsys.readouterr()

@@ -91,7 +91,7 @@ def test_bf16_where_it_is_emulated_warns(mnist_dir, tmp_path):
     (["train", "--resume", "nowhere", "--lr", "0.1"], 2, "only --epochs and the host settings"),
     (["train", "--resume", "nowhere"], 1, "not a run folder"),
     (["train", "--resume", "nowhere", "--recipe", "fast"], 2, "only --epochs and the host settings"),
-    (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is a test accuracy between 0 and 1"),
+    (["train", "--precision", "bf16", "--stop-at", "1.5"], 2, "--stop-at is an accuracy between 0 and 1"),
     (["evaluate", "missing.safetensors"], 1, "checkpoint not found"),
     (["evaluate", "x.safetensors", "--batch-size", "0"], 2, "--batch-size must be positive"),
     (["data", "--timeout", "0"], 2, "--timeout must be positive"),
@@ -118,7 +118,8 @@ def test_asking_for_a_missing_gpu(data_env, tmp_path, capsys):
 def test_models_and_data_listings(data_env, capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0
-    assert "keras-lenet   1,256,080" in out and "lenet5           61,706" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows["keras-lenet"] == "1,256,080" and rows["lenet5"] == "61,706" and rows["lenet5-modern"] == "56,042"
     code, out, _ = run(capsys, "data")
     assert code == 0
     assert out.count("sha256 ok") == 4 and "5923 6742 5958" in out

@@ -37,7 +37,7 @@ def test_round_trips_through_json(tmp_path):
     ({"nesterov": True, "optimizer": "adam"}, "--nesterov needs --optimizer sgd"),
     ({"device": "tpu"}, "--device must be"),
     ({"precision": "fp8"}, "unknown precision 'fp8'"),
-    ({"stop_at": 99.0}, "--stop-at is a test accuracy between 0 and 1"),
+    ({"stop_at": 99.0}, "--stop-at is an accuracy between 0 and 1"),
 ])
 def test_impossible_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):

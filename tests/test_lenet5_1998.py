@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -158,3 +159,27 @@ def test_reproduce_writes_its_report(mnist, tmp_path):
     assert (tmp_path / "run" / "error_curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "misclassified.png").stat().st_size > 1000
     assert "train_eval_acc" in result.history[0]
+
+
+def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys):
+    """--seeds 2 --jobs 2: two per-pattern reproductions (one pass each) as child processes, a summary
+    with mean +- sd over them, and --resume of the folder finds both done."""
+    from lenet5.cli import main
+
+    args = ["reproduce", "lecun1998", "--seeds", "2", "--seed", "5", "--jobs", "2", "--epochs", "1",
+            "--data-dir", str(mnist_dir), "--offline", "--out-dir", str(tmp_path), "--name", "two"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    errors = [json.loads((tmp_path / "two" / f"seed-{k}" / "metrics.json").read_text())["test_error"] for k in (5, 6)]
+    assert [r["seed"] for r in summary["runs"]] == [5, 6] and summary["seeds"] == 2
+    assert abs(summary["mean"] - sum(errors) / 2) < 1e-12 and summary["min"] == min(errors)
+    assert abs(summary["sd"] - abs(errors[0] - errors[1]) / 2 ** 0.5) < 1e-12  # the sample sd of two values
+    assert 0 < summary["mean"] < 0.05 and summary["paper_test_error"] == 0.0095
+    assert "test error over 2 seeds" in out and (tmp_path / "two" / "summary.md").is_file()
+    assert json.loads((tmp_path / "two" / "seed-5" / "config.json").read_text())["batch_size"] == 1  # the paper's
+    assert main(["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
+                 "--offline"]) == 0
+    assert capsys.readouterr().out.count("done before") == 2
+    assert main(args) == 2  # the folder is taken
+    assert "already exists and is not empty" in capsys.readouterr().err

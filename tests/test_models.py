@@ -13,7 +13,9 @@ EXPECTED_PARAMETERS = {
     "keras-lenet": 1_256_080,  # the reference notebook's summary
     "lenet5": 61_706,
     "lenet5-1998": 60_000,  # the paper, section II.B
+    "lenet5-modern": 56_042,  # within the paper's 60,000
     "slim-lenet": 21_258,
+    "robust-lenet": 82_258,
 }
 
 
@@ -58,7 +60,7 @@ def test_keras_lenet_starts_like_keras():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ConfigError, match="unknown model .lenet7.; choose one of: keras-lenet, lenet5, lenet5-1998"):
+    with pytest.raises(ConfigError, match="unknown model .lenet7.; choose one of: keras-lenet, lenet5, lenet5-1998, lenet5-modern"):
         create_model("lenet7")
     with pytest.raises(ConfigError, match="model 'lenet5'"):
         create_model("lenet5", widht=3)
@@ -79,7 +81,7 @@ def test_activations_name_every_layer_and_end_in_the_output(name):
         assert value.shape[0] == 2 and torch.isfinite(value).all(), key
 
 
-@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet"])
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet", "robust-lenet"])
 def test_pooling_before_relu_is_the_same_function(name, mnist):
     """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order."""
     torch.manual_seed(0)

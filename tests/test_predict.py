@@ -127,7 +127,7 @@ def test_predict_command_reports_each_file(mnist, trained, tmp_path, capsys):
     assert (tmp_path / "prepared" / "seven.28x28.png").is_file()
     code = main(["predict", str(trained.run_dir), str(tmp_path), "--csv"])  # a folder: its images only
     out, _ = capsys.readouterr()
-    assert out.splitlines()[0] == "file,digit,label,confidence,top3,error" and "notes.txt" not in out
+    assert out.splitlines()[0] == "file,digit,label,confidence,top3,error,unsure" and "notes.txt" not in out
 
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 setgray 4 4 moveto 24 24 lineto stroke showpage\n%%EOF\n"
@@ -219,3 +219,17 @@ def test_save_prepared_gives_same_named_inputs_their_own_files(mnist, trained, t
     assert [Path(r["prepared_file"]).name for r in rows] == ["1.28x28.png", "1-2.28x28.png", "1-3.28x28.png"]
     saved = [np.asarray(Image.open(r["prepared_file"])) for r in rows]
     assert len({a.tobytes() for a in saved}) == 3  # three different digits, none overwritten
+
+
+def test_a_small_digit_on_a_large_page_is_found(mnist):
+    """A '1' 10 px high on a 160x160 page covers under 0.1% of it; its ink is still found and fitted."""
+    from lenet5.data.stress import small_file
+
+    ones = [d for d, label in zip(mnist.test.images[:200].numpy(), mnist.test.labels[:200]) if label == 1][:10]
+    rng = np.random.default_rng(0)
+    for digit in ones:
+        data = small_file(digit, rng)
+        assert (load_grey(data) < 0.5).mean() < 0.001
+        prepared = prepare_file(data, "small.png")
+        rows = np.nonzero(prepared.max(1) > 0)[0]
+        assert rows.max() - rows.min() + 1 >= 19  # fitted to MNIST's 20-pixel box

@@ -41,11 +41,13 @@ def test_predictions_model_info_and_docs(server, mnist):
     status, body = server.request("GET", "/v1/model")
     info = json.loads(body)
     assert status == 200 and info["name"] == "lenet5" and info["parameters"] == 61_706
+    assert info["calibration"]["fitted"] is False and "default rule" in info["calibration"]["rule"]
     digit, label = mnist.test.images[0].numpy(), int(mnist.test.labels[0])
 
     status, body = server.request("POST", "/v1/predict", user_png(digit), {"Content-Type": "image/png"})
     answer = json.loads(body)
     assert status == 200 and answer["digit"] == label and len(answer["probabilities"]) == 10
+    assert answer["unsure"] == (answer["confidence"] < 0.9) and answer["calibrated"] is False
     assert abs(sum(answer["probabilities"]) - 1) < 1e-4 and answer["prepared"].startswith("data:image/png;base64,")
     assert "maps" not in answer
 

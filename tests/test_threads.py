@@ -9,7 +9,7 @@ import torch
 
 from lenet5.data.transforms import to_model_input
 from lenet5.models import create_model
-from lenet5.train.loop import _autocast, _shadow_step
+from lenet5.train.step import TrainStep
 from lenet5.train.threads import ThreadGovernor, candidate_counts
 
 
@@ -70,6 +70,6 @@ def test_shadow_step_changes_no_state(mnist):
     model = create_model("lenet5")
     x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _shadow_step(model, model, x, y, _autocast(torch.device("cpu"), "fp32"))
+    TrainStep(model, torch.optim.SGD(model.parameters()), None, model).shadow(x, y)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import json
 
@@ -9,10 +11,9 @@ import pytest
 import torch
 
 from lenet5.checkpoint import load_checkpoint
-from lenet5.errors import CheckpointError
+from lenet5.errors import CheckpointError, ConfigError
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.models import create_model
-from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
+from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume, train_epoch
 from lenet5.train.loop import HISTORY_FIELDS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -110,15 +111,104 @@ def test_fit_leaves_the_process_as_it_found_it(mnist, tmp_path):
         torch.set_num_threads(before)
 
 
-def test_warm_up_changes_no_state(mnist):
-    """warm_up runs the step's passes before the clock; weights and gradients stay as they were."""
-    from lenet5.train.loop import warm_up
+@pytest.mark.parametrize("name", ["lenet5", "lenet5-modern"])  # the latter has batch norm's running statistics
+def test_warm_up_changes_no_state(mnist, name):
+    """warm_up runs the step's passes before the clock: weights, gradients, optimizer state, the
+    schedule and the random stream stay as they were."""
+    from lenet5.train import TrainStep
 
-    torch.manual_seed(0)
-    model = create_model("lenet5")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
-    warm_up(model, model, mnist.train.head(256), [128, 37])
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
-    assert torch.equal(torch.get_rng_state(), rng)
+    config = TrainConfig(model=name, optimizer="adam", batch_size=128, precision="fp32")
+    step = TrainStep.build(config, torch.device("cpu"), steps_per_epoch=2)
+    train_epoch(step, mnist.train.head(256), 128, torch.arange(256))  # the optimizer now has state
+    before = {k: v.clone() for k, v in step.model.state_dict().items()}
+    optimizer = copy.deepcopy(step.optimizer.state_dict())
+    schedule, rng = step.scheduler.state_dict(), torch.get_rng_state()
+    step.warm_up(mnist.train.head(256), [128, 37])
+    assert all(torch.equal(before[k], v) for k, v in step.model.state_dict().items())
+    assert all(p.grad is None for p in step.model.parameters())
+    after = step.optimizer.state_dict()
+    assert after["param_groups"] == optimizer["param_groups"] and after["state"].keys() == optimizer["state"].keys()
+    assert all(torch.equal(v, after["state"][k][name]) for k, state in optimizer["state"].items()
+               for name, v in state.items())
+    assert step.scheduler.state_dict() == schedule and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_validation_split_is_disjoint_fixed_and_refuses_everything(mnist):
+    """--val-split N holds out N training images: never trained on, the same N for every seed."""
+    from lenet5.data import Split
+    from lenet5.train.loop import split_validation
+
+    n = 1000
+    ids = torch.arange(n)
+    tagged = Split(images=ids.view(n, 1, 1).expand(n, 28, 28).to(torch.int64), labels=ids)  # image k holds k
+    train, val = split_validation(tagged, 200)
+    assert len(train) == 800 and len(val) == 200
+    assert set(train.labels.tolist()).isdisjoint(val.labels.tolist())
+    assert sorted(train.labels.tolist() + val.labels.tolist()) == list(range(n))
+    assert torch.equal(train.images[:, 0, 0], train.labels)  # images and labels stay paired
+    assert torch.equal(split_validation(tagged, 200)[1].labels, val.labels)  # fixed, not per seed
+    assert not torch.equal(val.labels, torch.arange(800, 1000))  # drawn, not the tail
+    assert split_validation(tagged, 0) == (tagged, None)
+    with pytest.raises(ConfigError, match="--val-split 1000 leaves no training images of the 1000"):
+        split_validation(tagged, 1000)
+
+
+def test_validation_split_chooses_the_best_epoch_and_stops_the_run(mnist, tmp_path):
+    config = TrainConfig(model="lenet5", optimizer="adam", batch_size=100, epochs=3, train_samples=2000,
+                         test_samples=500, val_split=500, threads=1, precision="fp32")
+    result = fit(config, mnist, tmp_path / "run")
+    history, metrics = result.history, result.metrics
+    assert all({"val_loss", "val_acc", "test_acc"} <= set(r) for r in history)
+    best = max(history, key=lambda r: r["val_acc"])
+    assert metrics["best_selected_by"] == "val_acc" and metrics["best_epoch"] == best["epoch"]
+    assert metrics["best_val_acc"] == best["val_acc"] and metrics["best_test_acc"] == best["test_acc"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors").meta["epoch"] == best["epoch"]
+    assert result.config == config  # FitResult carries the run's config
+    # 1,500 images are trained on: an epoch is 15 steps of 100
+    rows = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert rows[0]["val_acc"] and len(rows) == 3
+    # --stop-at reads the validation accuracy: with a bar between epoch 1's validation and test
+    # accuracy, exactly one of them passes it there, so the two readings stop at different epochs.
+    first = history[0]
+    assert first["val_acc"] != first["test_acc"]
+    bar = (first["val_acc"] + first["test_acc"]) / 2
+    by_val = next((r["epoch"] for r in history if r["val_acc"] >= bar), 3)
+    stopped = fit(TrainConfig(**{**config.to_dict(), "stop_at": bar}), mnist, tmp_path / "stopped")
+    assert len(stopped.history) == by_val
+    assert [r["val_acc"] for r in stopped.history] == [r["val_acc"] for r in history[:by_val]]  # the same run
+
+
+def test_weight_average_is_what_is_evaluated_saved_and_resumed(mnist, tmp_path):
+    """--ema: the average is evaluated and checkpointed, the raw weights go on training, and an
+    interrupted run resumes both to the bit (lenet5-modern, with label smoothing)."""
+    from lenet5.run_folder import RunFolder
+
+    config = TrainConfig(model="lenet5-modern", optimizer="adamw", lr=3e-3, batch_size=100, epochs=2,
+                         label_smoothing=0.1, ema=0.9, train_samples=1_000, test_samples=300, threads=2,
+                         precision="fp32")
+    whole = fit(config, mnist, tmp_path / "whole")
+    state = RunFolder(tmp_path / "whole").load_commit()
+    saved = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.safetensors").model.state_dict()
+    raw, average = state["model"], state["average"]["model"]
+    assert state["average"]["updates"] == 20  # one per step
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(saved[key], value.cpu()) and torch.equal(average[key], value.cpu()), key
+    assert not torch.equal(raw["head.2.weight"], average["head.2.weight"])
+    last = tmp_path / "whole" / "checkpoints" / "last.safetensors"
+    assert evaluate_checkpoint(last, mnist, test_samples=300)["test_accuracy"] == whole.history[-1]["test_acc"]
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, mnist, tmp_path / "split", callbacks=[StopAfter(1)])
+    resumed = resume(tmp_path / "split", mnist)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    strip = lambda history: [{k: v for k, v in r.items() if "seconds" not in k} for r in history]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+
+
+def test_label_smoothing_and_ema_are_checked():
+    with pytest.raises(ConfigError, match="--label-smoothing needs a model with logit outputs"):
+        TrainConfig(model="lenet5-1998", optimizer="sdlm", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match=r"--ema is a decay in \[0, 1\)"):
+        TrainConfig(ema=1.0)
+    with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 1\)"):
+        TrainConfig(label_smoothing=-0.1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from PIL import Image
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "tutorial.ipynb"
 
@@ -23,3 +26,11 @@ def test_tutorial_notebook_executes(mnist_dir, tmp_path, monkeypatch):
     assert "test accuracy" in outputs and "predicted" in outputs
     assert "torch.Size([60000, 28, 28])" in outputs
     assert (tmp_path / "runs" / "tutorial-fast" / "curves.png").is_file()
+    # Its figures reach the notebook as images: pyplot's inline backend was not switched off by a
+    # library call (the digits, the curves after fit, the feature maps, the user's digit).
+    pictures = [base64.b64decode(o["data"]["image/png"]) for cell in notebook.cells if cell.cell_type == "code"
+                for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pictures) == 4, f"{len(pictures)} figures shown"  # 2 when a library call switches to Agg (checked)
+    for png in pictures:
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.format == "PNG" and min(image.size) > 100

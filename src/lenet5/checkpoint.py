@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import lenet5
+from lenet5.calibration import check_calibration
 from lenet5.errors import CheckpointError, one_line
 from lenet5.fileio import atomic_write_bytes
 from lenet5.models import DigitClassifier, create_model, list_models, model_class
@@ -61,8 +62,10 @@ class Checkpoint:
 
 
 def checkpoint_files(model: DigitClassifier, *, config: dict[str, Any] | None = None, epoch: int | None = None,
-                     metrics: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
-    """The bytes of ``NAME.safetensors`` and of its ``NAME.json`` sidecar."""
+                     metrics: dict[str, Any] | None = None,
+                     calibration: dict[str, Any] | None = None) -> tuple[bytes, bytes]:
+    """The bytes of ``NAME.safetensors`` and of its ``NAME.json`` sidecar. `calibration`: see
+    lenet5.calibration (absent from older checkpoints, which then get its default rule)."""
     outputs = getattr(model, "init_args", {}).get("num_classes", 10)
     classes = model.classes if len(model.classes) == outputs else tuple(str(k) for k in range(outputs))
     meta = {
@@ -77,16 +80,19 @@ def checkpoint_files(model: DigitClassifier, *, config: dict[str, Any] | None = 
         "lenet5_version": lenet5.__version__,
         "torch_version": torch.__version__,
     }
+    if calibration is not None:
+        meta["calibration"] = calibration
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)})
     return weights, (json.dumps(meta, indent=2) + "\n").encode()
 
 
 def save_checkpoint(path: str | Path, model: DigitClassifier, *, config: dict[str, Any] | None = None,
-                    epoch: int | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                    epoch: int | None = None, metrics: dict[str, Any] | None = None,
+                    calibration: dict[str, Any] | None = None) -> Path:
     """Write ``path`` (.safetensors) and its JSON sidecar atomically; returns the weights' path."""
     path = Path(path).with_suffix(".safetensors")
-    weights, sidecar = checkpoint_files(model, config=config, epoch=epoch, metrics=metrics)
+    weights, sidecar = checkpoint_files(model, config=config, epoch=epoch, metrics=metrics, calibration=calibration)
     atomic_write_bytes(path, weights)
     atomic_write_bytes(path.with_suffix(".json"), sidecar)
     return path
@@ -187,6 +193,8 @@ def check_metadata(path: Path, meta: Any) -> dict[str, Any]:
         if not isinstance(meta.get(key, ""), str):
             problems.append(f"{key} must be a string")
     problems.append(_check_classes(meta))
+    if meta.get("calibration") is not None:
+        problems.append(check_calibration(meta["calibration"]))
     problem = next((p for p in problems if p), None)
     if problem:
         raise CheckpointError(f"{path}: damaged lenet5 metadata: {problem}")
@@ -261,3 +269,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     elif args.get("num_classes", 10) != 10:  # no names recorded: the label numbers
         model.classes = tuple(str(k) for k in range(args["num_classes"]))
     return Checkpoint(model=model.to(device).eval(), meta=meta, path=path)
+
+
+def store_calibration(checkpoint: Checkpoint, calibration: dict[str, Any]) -> Path:
+    """Rewrite the checkpoint's file (and sidecar) with `calibration` in its metadata, weights unchanged."""
+    meta = checkpoint.meta
+    return save_checkpoint(checkpoint.path, checkpoint.model, config=meta.get("config"), epoch=meta.get("epoch"),
+                           metrics=meta.get("metrics"), calibration=calibration)

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import typing
 from datetime import datetime
@@ -29,7 +30,8 @@ from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
 from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
-from lenet5.train import Callback, TrainConfig, fit, resume
+from lenet5.fileio import atomic_write_text
+from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
 from lenet5.train.config import HOST_SETTINGS, RECIPES
 
 OFFLINE_ENV = "LENET5_OFFLINE"
@@ -95,7 +97,8 @@ class ConsoleProgress(Callback):
         if self.bar is not None:
             self.bar.close()
         print(f"epoch {record['epoch']:>2}  train loss {record['train_loss']:.4f} acc {record['train_acc']:.2%}"
-              f"  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
+              + (f"  |  val loss {record['val_loss']:.4f} acc {record['val_acc']:.2%}" if "val_acc" in record else "")
+              + f"  |  test loss {record['test_loss']:.4f} acc {record['test_acc']:.2%}"
               f"  |  lr {record['lr']:.2e}  {record['seconds']:.1f} s", flush=True)
 
 
@@ -175,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device, dataset = given.get("device") or saved.device, saved.dataset
     else:
         base = {}
+        if args.calibrate is None and args.recipe:
+            args.calibrate = RECIPES[args.recipe].calibrate
         if args.recipe:
             hardware = hardware_class(resolve_device(given.get("device", "auto")))
             base = RECIPES[args.recipe].options_for(hardware)
@@ -185,6 +190,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
+        if args.calibrate and not 0 < config.train_samples < 60_000:
+            raise ConfigError("--calibrate needs training digits the run does not train on: give --train-samples "
+                              "below 60,000 (e.g. 55000), or --no-calibrate")
         device, dataset = config.device, config.dataset
     world = distributed.init(device)  # a no-op unless torchrun started this process
     try:
@@ -204,9 +212,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if not world.is_main:
         return 0
+    if args.calibrate:
+        from lenet5.calibration import calibrate_checkpoint
+
+        calibration, path = calibrate_checkpoint(result.run_dir, load_data(args),
+                                                 device=given.get("device", "auto"))
+        _print_calibration(calibration, path)
     m = result.metrics
+    if m["best_selected_by"] == "val_acc":
+        best = (f"best validation accuracy {m['best_val_acc']:.2%} at epoch {m['best_epoch']} "
+                f"(test accuracy there {m['best_test_acc']:.2%})")
+    else:
+        best = f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']} (chosen on the test set)"
     print(f"test accuracy {m['test_acc']:.2%} (error {m['test_error']:.2%}) after {m['epochs']} epochs; "
-          f"best {m['best_test_acc']:.2%} at epoch {m['best_epoch']}; {m['seconds']:.1f} s")
+          f"{best}; {m['seconds']:.1f} s")
     print(f"wrote {result.run_dir}/: config.json history.csv history.json curves.png metrics.json "
           "checkpoints/{last,best}.safetensors")
     return 0
@@ -215,6 +234,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.epochs <= 0:
         raise ConfigError("--batch-size and --epochs must be positive")
+    if args.seeds <= 0 or args.jobs <= 0:
+        raise ConfigError("--seeds and --jobs must be positive")
+    if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
+        return _reproduce_seeds(args)
     mode = "distortions" if args.distortions else "plain"
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
     if args.resume:
@@ -232,9 +255,72 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+SEEDS_FILE = "seeds.json"  # marks a folder of per-seed reproductions, and says how to continue it
+
+
+def _reproduce_seeds(args: argparse.Namespace) -> int:
+    """--seeds N: one reproduction per seed in FOLDER/seed-K (run as child processes, --jobs at a time,
+    each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lenet5.reproduce import write_seed_summary
+
+    if args.resume:
+        parent = args.resume
+        plan = json.loads((parent / SEEDS_FILE).read_text())
+    else:
+        mode = "distortions" if args.distortions else "plain"
+        parent = args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}-{args.seeds}-seeds")
+        if parent.exists() and any(parent.iterdir()):
+            raise ConfigError(f"{parent}: already exists and is not empty; choose another --name, or continue "
+                              f"it with --resume {parent}")
+        plan = {"seeds": list(range(args.seed, args.seed + args.seeds)), "distortions": args.distortions,
+                "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
+                "threads": args.threads or (1 if args.jobs > 1 else 0)}
+        parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(parent / SEEDS_FILE, json.dumps(plan, indent=2) + "\n")
+    data_dir = load_data(args).root  # fetched and verified once; the children read it offline
+    command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
+
+    def one(seed: int) -> tuple[int, str]:
+        run_dir = parent / f"seed-{seed}"
+        child = [sys.executable, "-m", "lenet5", "reproduce", "lecun1998", "--quiet", "--offline",
+                 "--data-dir", str(data_dir)]
+        if (run_dir / "report.md").is_file():
+            return seed, "done before"
+        if RunFolder(run_dir).holds_run():
+            child += ["--resume", str(run_dir)]
+        else:
+            child += ["--seed", str(seed), "--out-dir", str(parent), "--name", run_dir.name,
+                      "--batch-size", str(plan["batch_size"]), "--epochs", str(plan["epochs"]),
+                      "--device", plan["device"], "--threads", str(plan["threads"])]
+            child += ["--distortions"] if plan["distortions"] else []
+        done = subprocess.run(child, capture_output=True, text=True)
+        lines = (done.stdout if done.returncode == 0 else done.stderr or done.stdout).strip().splitlines()
+        return seed, ("" if done.returncode == 0 else "failed: ") + (lines[-1] if lines else f"exit {done.returncode}")
+
+    failed = False
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for seed, outcome in pool.map(one, plan["seeds"]):
+            print(f"seed {seed}: {outcome}", flush=True)
+            failed |= outcome.startswith("failed")
+    finished = {k: parent / f"seed-{k}" for k in plan["seeds"] if (parent / f"seed-{k}" / "report.md").is_file()}
+    if not finished:
+        raise TrainingError(f"{parent}: no seed finished")
+    summary = write_seed_summary(parent, finished, distortions=plan["distortions"], command=command)
+    print(f"test error over {summary['seeds']} seeds: {summary['mean']:.2%} +- {summary['sd']:.2%} "
+          f"(min {summary['min']:.2%}, max {summary['max']:.2%}; paper {summary['paper_test_error']:.2%}); "
+          f"summary: {parent / 'summary.md'}")
+    if failed:
+        print(f"some seeds did not finish; continue them with: lenet5 reproduce lecun1998 --resume {parent}")
+    return 1 if failed else 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batch_size <= 0 or args.test_samples < 0:
         raise ConfigError("--batch-size must be positive and --test-samples not negative")
+    if args.stress and (args.report or args.test_samples):
+        raise ConfigError("--stress uses the whole test set and writes no report: leave out --report and --test-samples")
     if args.report:
         from lenet5.analysis import report_folder
 
@@ -243,6 +329,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = load_data(args, args.dataset or checkpoint.dataset)
+    if args.stress:
+        return _evaluate_stress(args, data)
     result = evaluate_checkpoint(args.checkpoint, data, device=args.device, batch_size=args.batch_size,
                                  test_samples=args.test_samples)
     if args.report:
@@ -266,32 +354,97 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_stress(path: Path) -> None:
+    print(f"making the stress sets from the test digits, once (a few minutes on 2 cores); cache: {path}",
+          file=sys.stderr, flush=True)
+
+
+def _evaluate_stress(args: argparse.Namespace, mnist) -> int:
+    from lenet5.evaluate import evaluate_stress
+
+    result = evaluate_stress(args.checkpoint, mnist, device=args.device, batch_size=args.batch_size,
+                             cache_dir=args.stress_dir, on_make=_announce_stress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']}: {result['model']} ({result['parameters']:,} parameters), epoch {result['epoch']}")
+    print(f"unsure: {result['calibration']}")
+    print(f"{'set':<14} {'images':>7} {'accuracy':>9} {'unsure':>8} {'accuracy when sure':>19}")
+    for row in result["digits"]:
+        sure = "-" if row["accuracy_when_sure"] is None else f"{row['accuracy_when_sure']:.2%}"
+        print(f"{row['set']:<14} {row['images']:>7,} {row['accuracy']:>9.2%} {row['unsure']:>8.2%} {sure:>19}")
+    for row in result["nondigits"]:
+        print(f"{'non-digits: ' + row['set']:<24} {row['images']:>7,} {'':>9} {row['unsure']:>8.2%}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from lenet5.calibration import calibrate_checkpoint
+
+    calibration, path = calibrate_checkpoint(args.checkpoint, load_data(args), device=args.device,
+                                             target_error=args.target_error)
+    _print_calibration(calibration, path)
+    return 0
+
+
+def _print_calibration(calibration, path: Path) -> None:
+    print(f"{path}: {calibration.rule()}")
+    print(f"fitted on {calibration.heldout}: {calibration.heldout_rejected:.2%} of them marked unsure, "
+          f"error {calibration.heldout_error:.2%} on the rest")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether a command's first item names a checkpoint rather than an image or a folder of them."""
+    return path.suffix == ".safetensors" or RunFolder(path).is_run_folder()
+
+
+def _checkpoint_or_bundled(checkpoint: Path | None) -> Path:
+    """The checkpoint given, else the model shipped with the package (and a line saying so)."""
+    if checkpoint is not None:
+        return checkpoint
+    from lenet5.pretrained import RECIPE, bundled_checkpoint
+
+    path = bundled_checkpoint()
+    print(f"using the bundled model ({path.stem}, the {RECIPE} recipe's; give a checkpoint to use your own)",
+          file=sys.stderr)
+    return path
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictions = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
-                                     save_prepared=args.save_prepared)
+    items = [Path(item) for item in args.items]
+    if args.checkpoint is None and _is_checkpoint(items[0]):
+        if len(items) == 1:
+            raise ConfigError(f"{items[0]} is a checkpoint: give the images to predict after it")
+        args.checkpoint, items = items[0], items[1:]
+    args.checkpoint, args.inputs = _checkpoint_or_bundled(args.checkpoint), items
+    predictions, calibration = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
+                                                  save_prepared=args.save_prepared)
     if not predictions:
         raise ConfigError("no image files found in the given folders")
     if args.json:
-        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        print(json.dumps([p.as_dict() | {"calibrated": calibration.fitted} for p in predictions], indent=2))
     elif args.csv:
         import csv
 
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["file", "digit", "label", "confidence", "top3", "error"])
+        writer.writerow(["file", "digit", "label", "confidence", "top3", "error", "unsure"])
         for p in predictions:
             writer.writerow([p.file, "" if p.digit is None else p.digit, p.label or "",
                              "" if p.confidence is None else f"{p.confidence:.4f}",
-                             " ".join(f"{name}:{v:.3f}" for (_, v), name in zip(p.top3, p.top3_labels)), p.error or ""])
+                             " ".join(f"{name}:{v:.3f}" for (_, v), name in zip(p.top3, p.top3_labels)), p.error or "",
+                             "" if p.unsure is None else str(p.unsure).lower()])
     else:
         width = max(len(p.file) for p in predictions)
         label_width = max([5] + [len(p.label) for p in predictions if p.label])
-        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  top-3")
+        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  {'':6}  top-3")
         for p in predictions:
             if p.error:
                 print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
             else:
                 top = "  ".join(f"{name} {v:.1%}" for (_, v), name in zip(p.top3, p.top3_labels))
-                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  {top}")
+                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  "
+                      f"{'unsure' if p.unsure else '':6}  {top}")
+        print(f"unsure: {calibration.rule()}")
     failed = sum(p.error is not None for p in predictions)
     if failed:
         print(f"lenet5 predict: {failed} of {len(predictions)} file(s) could not be used", file=sys.stderr)
@@ -302,8 +455,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.checkpoint import load_checkpoint
     from lenet5.explain import explain_digit, explain_file, plot_explanation
     from lenet5.fileio import atomic_write_bytes
-    from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
+    from lenet5.runtime import resolve_device
 
+    items = [Path(item) for item in args.items]
+    if args.checkpoint is None and items and (len(items) == 2 or _is_checkpoint(items[0])):
+        args.checkpoint, items = items[0], items[1:]
+    if len(items) > 1:
+        raise ConfigError(f"explain takes one image, not {len(items)}")
+    args.image = items[0] if items else None
+    args.checkpoint = _checkpoint_or_bundled(args.checkpoint)
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))
     if (args.image is None) == (args.test_index is None):
         raise ConfigError("give an IMAGE or --test-index N (one of them)")
@@ -350,6 +510,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.checkpoint = _checkpoint_or_bundled(args.checkpoint)
     try:
         import uvicorn  # noqa: F401 - here so that a missing extra is a one-line error
 
@@ -396,6 +557,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     data = load_data(args, args.dataset)
+    if args.what == "stress":
+        return _data_stress(args, data)
     print(f"{data.title} in {data.root}: {len(data.classes)} classes ({', '.join(data.classes[:12])}"
           f"{', ...' if len(data.classes) > 12 else ''})")
     for path, status in check_files(data):  # every file re-verified in full each time `lenet5 data` runs
@@ -403,6 +566,29 @@ def cmd_data(args: argparse.Namespace) -> int:
     for name, split in (("train", data.train), ("test", data.test)):
         counts = split.class_counts(len(data.classes))
         print(f"  {name:<5} {len(split):>7,} images 28x28, per class: {' '.join(map(str, counts))}")
+    return 0
+
+
+def _data_stress(args: argparse.Namespace, mnist) -> int:
+    from lenet5.data.stress import load_stress_sets
+
+    sets, nondigits, path = load_stress_sets(mnist.test, args.stress_dir, refresh=args.refresh,
+                                             on_make=_announce_stress)
+    print(f"stress sets of the MNIST test digits in {path}")
+    for name, split in sets.items():
+        print(f"  {name:<13} {len(split):>6,} digits")
+    for name, images in nondigits.items():
+        print(f"  non-digits: {name:<10} {len(images):>6,} images")
+    if args.samples:
+        from lenet5.fileio import atomic_write_bytes
+        from lenet5.plots import plot_digit_gallery
+
+        rows = [("clean", mnist.test.images)] + [(n, s.images) for n, s in sets.items()] + list(nondigits.items())
+        images = [r[i].numpy() for _, r in rows for i in range(12)]
+        captions = [name if i == 0 else "" for name, _ in rows for i in range(12)]
+        atomic_write_bytes(args.samples, plot_digit_gallery(images, captions, columns=12,
+                                                            title="Stress sets and non-digits, as the model sees them"))
+        print(f"wrote {args.samples}")
     return 0
 
 
@@ -425,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="start from this config.json (over --recipe; options typed here "
                      "override it)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                     help="after training, fit the best checkpoint's temperature and 'unsure' threshold on the "
+                          "training digits after --train-samples (as `lenet5 calibrate`; default: the recipe's "
+                          "choice, else no)")
     run.add_argument("--quiet", action="store_true", help="print only the final summary")
     add_data_options(train)
     train.set_defaults(handler=cmd_train)
@@ -438,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--report", type=Path, metavar="DIR",
                     help="also write report.md with per-class precision/recall, confusion matrix (PNG, CSV), "
                          "misclassified images, rejection curve and calibration into DIR")
+    ev.add_argument("--stress", action="store_true",
+                    help="accuracy on every stress set (thick, thin, rotated, low resolution, small, off-centre, "
+                         "inverted, photographed, user-like: lenet5.data.stress) next to the clean test set, the "
+                         "share marked unsure, and the share of non-digits marked unsure (MNIST checkpoints)")
+    ev.add_argument("--stress-dir", type=Path, metavar="DIR",
+                    help="where the stress sets are cached (default: the user cache, see `lenet5 data stress`)")
     add_data_options(ev, "checkpoint")
     ev.set_defaults(handler=cmd_evaluate)
 
@@ -445,12 +641,18 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Reproduce a published recipe and write report.md beside the run.")
     rep.add_argument("recipe", choices=["lecun1998"], help="lecun1998: LeNet-5 trained as in LeCun et al. 1998")
     rep.add_argument("--distortions", action="store_true", help="train on randomly distorted digits (paper: 0.8%%)")
-    rep.add_argument("--batch-size", type=int, default=16,
-                     help="patterns per update (default: 16; the paper's is 1, about 7x slower on 2 CPU cores)")
+    rep.add_argument("--batch-size", type=int, default=1,
+                     help="patterns per update (default: 1, the paper's, by a native per-pattern pass on CPU; "
+                          "16 for the mini-batch variant with the rate scaled by 16)")
     rep.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20, as the paper)")
-    rep.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    rep.add_argument("--seed", type=int, default=0, help="seed (default: 0); the first of --seeds")
+    rep.add_argument("--seeds", type=int, default=1, help="run this many seeds (--seed, --seed+1, ...) into "
+                     "FOLDER/seed-K and summarise them: mean +- sd and min-max of the test error (default: 1)")
+    rep.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds trained at once, each on one thread "
+                     "unless --threads says otherwise (per-pattern training uses one core)")
     rep.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's)")
-    rep.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    rep.add_argument("--device", default="auto",
+                     help="cpu, cuda, cuda:N or auto (default: auto; the CPU when --batch-size is 1)")
     rep.add_argument("--out-dir", type=Path, default=Path("runs"), help="parent of run folders (default: runs)")
     rep.add_argument("--name", help="run folder name (default: DATE-TIME-lecun1998-plain|distortions)")
     rep.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted reproduction")
@@ -463,8 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "grey, dark-on-light or light-on-dark), prepare it the way MNIST digits "
                                          "were prepared, and predict its digit. A file that cannot be used gets "
                                          "a one-line reason and the others go on; the exit status is 1 if any failed.")
-    pr.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
-    pr.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or folders of them")
+    pr.add_argument("items", nargs="+", metavar="[CHECKPOINT] IMAGE|DIR",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
+                         "then image files or folders of them")
+    pr.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name (then every item is an image)")
     out = pr.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", action="store_true", help="print CSV")
@@ -475,8 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("explain", help="draw every layer's feature maps for one digit",
                              description="Prepare the image MNIST-style, run it through the model and draw the "
                                          "input, every layer's activation maps and the class probabilities.")
-    ex.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
-    ex.add_argument("image", type=Path, nargs="?", help="an image file (or use --test-index)")
+    ex.add_argument("items", nargs="*", metavar="[CHECKPOINT] [IMAGE]",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
+                         "then an image file (or use --test-index)")
+    ex.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name")
     ex.add_argument("--test-index", type=int, help="explain test image N of the data set instead of an image")
     ex.add_argument("--out", type=Path, help="PNG to write (default: IMAGE-NAME.maps.png here)")
     ex.add_argument("--max-maps", type=int, default=16, help="maps shown per layer (default: 16)")
@@ -499,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = commands.add_parser("serve", help="HTTP prediction service and the draw-a-digit page",
                              description="Serve POST /v1/predict, GET /v1/model, GET /healthz, OpenAPI docs at "
                                          "/docs and a page to draw a digit on at /.")
-    sv.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    sv.add_argument("checkpoint", type=Path, nargs="?",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default: 4)")
@@ -507,13 +714,31 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="server processes, e.g. one per core (default: 1)")
     sv.set_defaults(handler=cmd_serve)
 
+    cal = commands.add_parser("calibrate", help="fit a checkpoint's temperature and 'unsure' threshold",
+                              description="Fit a temperature and an 'unsure' threshold (lenet5.calibration) on "
+                                          "the training digits the run did not train on and their stress versions, "
+                                          "and store them in the checkpoint, for predict and serve.")
+    cal.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    cal.add_argument("--target-error", type=float, default=0.005,
+                     help="error allowed on the held-out digits not marked unsure (default: 0.005)")
+    cal.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    add_data_options(cal)
+    cal.set_defaults(handler=cmd_calibrate)
+
     models = commands.add_parser("models", help="list the registered models with their parameter counts")
     models.add_argument("--json", action="store_true", help="print the list as JSON")
     models.set_defaults(handler=cmd_models)
 
-    data = commands.add_parser("data", help="download, verify and describe a data set",
+    data = commands.add_parser("data", help="download, verify and describe a data set; make the stress sets",
                                description="Fetch any missing file of the data set (unless --offline), verify "
-                                           "every file against its published checksum, and show what is there.")
+                                           "every file against its published checksum, and show what is there. "
+                                           "`lenet5 data stress` makes the stress sets and non-digits "
+                                           "(lenet5.data.stress, from MNIST's test digits) and caches them.")
+    data.add_argument("what", nargs="?", choices=["stress"], help="stress: make (or show) the cached stress sets")
+    data.add_argument("--stress-dir", type=Path, metavar="DIR", help="cache folder of the stress sets "
+                      "(default: the user cache)")
+    data.add_argument("--refresh", action="store_true", help="stress: make the sets again even if cached")
+    data.add_argument("--samples", type=Path, metavar="PNG", help="stress: draw 12 digits of every set into PNG")
     add_data_options(data, "mnist")
     data.set_defaults(handler=cmd_data)
     return parser

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -77,3 +77,34 @@ def evaluate_checkpoint(path: str | Path, data: Dataset, *, device: str = "auto"
         "test_error": 1 - accuracy,
         "errors": round((1 - accuracy) * len(test)),
     }
+
+
+def evaluate_stress(path: str | Path, mnist: Dataset, *, device: str = "auto", batch_size: int = EVAL_BATCH,
+                    cache_dir: str | Path | None = None, on_make: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Accuracy of a checkpoint on the clean test set and on every stress set (`lenet5.data.stress`,
+    made once and cached), with the share its calibration marks unsure and the accuracy on the rest;
+    and the share of non-digits (`lenet5.data.nondigits`) it marks unsure."""
+    from lenet5.calibration import Calibration, judge
+    from lenet5.data.stress import load_stress_sets
+    from lenet5.predict import class_probabilities
+
+    checkpoint = load_checkpoint(path, resolve_device(device))
+    checkpoint.model.to(memory_format=torch.channels_last)
+    calibration = Calibration.from_meta(checkpoint.meta)
+    sets, nondigits, cache = load_stress_sets(mnist.test, cache_dir, on_make=on_make)
+    rows = []
+    for name, split in {"clean": mnist.test, **sets}.items():
+        probs = class_probabilities(checkpoint.model, split.images, batch_size, calibration.temperature)
+        correct = probs.argmax(1) == split.labels
+        unsure = judge(probs, calibration)
+        sure = ~unsure
+        rows.append({"set": name, "images": len(split), "accuracy": float(correct.double().mean()),
+                     "unsure": float(unsure.double().mean()),
+                     "accuracy_when_sure": float(correct[sure].double().mean()) if sure.any() else None})
+    others = []
+    for name, images in nondigits.items():
+        probs = class_probabilities(checkpoint.model, images, batch_size, calibration.temperature)
+        others.append({"set": name, "images": len(images), "unsure": float(judge(probs, calibration).double().mean())})
+    return {"checkpoint": str(checkpoint.path), "model": checkpoint.meta["model"],
+            "parameters": count_parameters(checkpoint.model), "epoch": checkpoint.meta.get("epoch"),
+            "calibration": calibration.rule(), "stress_cache": str(cache), "digits": rows, "nondigits": others}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class Explanation:
     prepared: np.ndarray  # the 28x28 uint8 digit the model saw
     maps: dict[str, np.ndarray]  # layer name -> (channels, H, W) or (units,)
     probabilities: np.ndarray  # (classes,)
+    display_shapes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # the model's hints
 
     @property
     def digit(self) -> int:
@@ -35,7 +37,7 @@ def explain_digit(model: DigitClassifier, digit: np.ndarray) -> Explanation:
     maps = model.activations(x)
     probabilities = torch.softmax(model.logits(maps["output"]), 1)[0]
     return Explanation(prepared=digit, maps={k: v[0].float().cpu().numpy() for k, v in maps.items()},
-                       probabilities=probabilities.cpu().numpy())
+                       probabilities=probabilities.cpu().numpy(), display_shapes=dict(model.display_shapes))
 
 
 def explain_file(model: DigitClassifier, image: str | Path | bytes) -> Explanation:
@@ -79,8 +81,9 @@ def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 
         else:
             vector = value.reshape(-1)
             cell = fig.add_subplot(grid[row, 1:columns + 1])
-            if vector.size == 84:  # LeNet-5's F6: drawn as the 7x12 bitmap the RBF layer compares it with
-                cell.imshow(vector.reshape(12, 7), cmap="RdBu_r", vmin=-1.8, vmax=1.8)
+            if name in explanation.display_shapes:
+                scale = np.abs(vector).max() or 1.0
+                cell.imshow(vector.reshape(explanation.display_shapes[name]), cmap="RdBu_r", vmin=-scale, vmax=scale)
                 cell.set_aspect("equal")
             else:
                 cell.imshow(vector[None, :], cmap="RdBu_r", aspect="auto",

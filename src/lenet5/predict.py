@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from lenet5.calibration import DEFAULT, Calibration, judge
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data.transforms import to_model_input
 from lenet5.errors import ConfigError
@@ -32,12 +33,14 @@ class Prediction:
     top3: list[tuple[int, float]] = field(default_factory=list)
     label: str | None = None  # the class name
     top3_labels: list[str] = field(default_factory=list)
+    unsure: bool | None = None  # the calibrated confidence is below the checkpoint's threshold
     error: str | None = None
     prepared: np.ndarray | None = field(default=None, repr=False)  # the 28x28 the model saw
     prepared_file: str | None = None  # where --save-prepared wrote it
 
     def as_dict(self) -> dict:
         row = {"file": self.file, "digit": self.digit, "label": self.label, "confidence": self.confidence,
+               "unsure": self.unsure,
                "top3": [{"digit": d, "label": name, "probability": p} for (d, p), name in zip(self.top3, self.top3_labels)],
                "error": self.error}
         return row | ({"prepared_file": self.prepared_file} if self.prepared_file else {})
@@ -58,18 +61,21 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
-def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """(N, 28, 28) uint8 MNIST-style images -> (N, classes) probabilities."""
+def class_probabilities(model: DigitClassifier, digits: torch.Tensor, batch_size: int = 512,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """(N, 28, 28) uint8 MNIST-style images -> (N, classes) probabilities (at a calibration's temperature)."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model.probabilities(to_model_input(digits[i:i + batch_size].to(device))).cpu()
+    out = [model.probabilities(to_model_input(digits[i:i + batch_size].to(device)), temperature).cpu()
            for i in range(0, len(digits), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, len(model.classes))
 
 
-def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[Prediction]:
-    """Prepare every file MNIST-style and classify all of them in one batch. A file that cannot
-    be used gets its reason in `error`; the others are unaffected."""
+def predict_files(model: DigitClassifier, paths: Sequence[str | Path],
+                  calibration: Calibration = DEFAULT) -> list[Prediction]:
+    """Prepare every file MNIST-style and classify all of them in one batch, with the calibration's
+    confidence and unsure mark. A file that cannot be used gets its reason in `error`; the others
+    are unaffected."""
     predictions = [Prediction(file=str(p)) for p in paths]
     ready = []
     for prediction in predictions:
@@ -79,25 +85,29 @@ def predict_files(model: DigitClassifier, paths: Sequence[str | Path]) -> list[P
         except ImageError as e:
             prediction.error = str(e)
     if ready:
-        probs = class_probabilities(model, torch.from_numpy(np.stack([p.prepared for p in ready])))
-        for prediction, p in zip(ready, probs):
+        probs = class_probabilities(model, torch.from_numpy(np.stack([p.prepared for p in ready])),
+                                    temperature=calibration.temperature)
+        for prediction, p, unsure in zip(ready, probs, judge(probs, calibration)):
             values, digits = p.topk(min(3, len(p)))
             prediction.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
             prediction.top3_labels = [model.classes[d] for d, _ in prediction.top3]
             prediction.digit, prediction.confidence = prediction.top3[0]
             prediction.label = prediction.top3_labels[0]
+            prediction.unsure = bool(unsure)
     return predictions
 
 
 def predict_checkpoint(checkpoint: str | Path, inputs: Iterable[str | Path], *, device: str = "auto",
-                       save_prepared: str | Path | None = None) -> list[Prediction]:
-    """Load a checkpoint and predict every image file or folder of images in `inputs`."""
+                       save_prepared: str | Path | None = None) -> tuple[list[Prediction], Calibration]:
+    """Load a checkpoint and predict every image file or folder of images in `inputs`; also returns
+    the calibration the unsure marks follow (the checkpoint's, or the default rule)."""
     paths = expand_inputs(inputs)
-    model = load_checkpoint(checkpoint, resolve_device(device)).model
-    predictions = predict_files(model, paths)
+    loaded = load_checkpoint(checkpoint, resolve_device(device))
+    calibration = Calibration.from_meta(loaded.meta)
+    predictions = predict_files(loaded.model, paths, calibration)
     if save_prepared:
         save_prepared_digits(predictions, Path(save_prepared))
-    return predictions
+    return predictions, calibration
 
 
 def save_prepared_digits(predictions: Sequence[Prediction], folder: Path) -> None:

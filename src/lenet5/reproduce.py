@@ -1,13 +1,17 @@
 """Reproduction recipes: the 1998 paper's training of LeNet-5, with a report beside it.
 
 `lenet5 reproduce lecun1998 [--distortions]` trains `lenet5-1998` with stochastic diagonal
-Levenberg-Marquardt for 20 passes on the paper's schedule, measuring training and test error
+Levenberg-Marquardt for 20 passes on the paper's schedule, one update per pattern as the paper
+did (on CPU by the native pass of lenet5.train.perpattern; `--batch-size 16` gives the
+mini-batch variant), measuring training and test error
 after every pass, then writes `report.md`, `error_curves.png` (cf. the paper's Figure 5) and
 `misclassified.png` (cf. Figure 8) into the run folder.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +23,6 @@ from lenet5.data.distort import DEFAULT_RANGES
 from lenet5.data.transforms import to_model_input
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
 from lenet5.plots import plot_digit_gallery, plot_error_curves
-from lenet5.run_folder import RunFolder
 from lenet5.train import Callback, FitResult, TrainConfig, fit, resume
 
 PAPER_TEST_ERROR = {False: 0.0095, True: 0.008}  # section III.C: 0.95%, 0.8% with distortions
@@ -32,8 +35,10 @@ PAPER_MISCLASSIFIED = 82  # Figure 8 (the distortion-trained network)
 ETA_PER_SAMPLE = 1e-5
 
 
-def lecun1998_config(*, distortions: bool = False, batch_size: int = 16, epochs: int = 20, seed: int = 0,
+def lecun1998_config(*, distortions: bool = False, batch_size: int = 1, epochs: int = 20, seed: int = 0,
                      threads: int = 0, device: str = "auto") -> TrainConfig:
+    if batch_size == 1 and device == "auto":
+        device = "cpu"  # one pattern per update is launch-bound on a GPU; the CPU has the native pass
     return TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA_PER_SAMPLE * batch_size, mu=0.02,
                        hessian_samples=500, schedule="lecun1998", batch_size=batch_size, epochs=epochs,
                        distort=distortions, eval_train=True, seed=seed, threads=threads, device=device)
@@ -105,7 +110,7 @@ See docs/lenet5-1998.md for every departure from the paper and why.
     return atomic_write_text(run_dir / "report.md", text)
 
 
-def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool = False, batch_size: int = 16,
+def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool = False, batch_size: int = 1,
                         epochs: int = 20, seed: int = 0, threads: int = 0, device: str = "auto",
                         resume_run: bool = False, callbacks: Sequence[Callback] = (),
                         command: str = "") -> tuple[FitResult, Path]:
@@ -117,6 +122,55 @@ def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool 
         config = lecun1998_config(distortions=distortions, batch_size=batch_size, epochs=epochs, seed=seed,
                                   threads=threads, device=device)
         result = fit(config, mnist, run_dir, callbacks=callbacks)
-    config = TrainConfig.from_json(RunFolder(run_dir).config)
-    report = write_report(result, mnist, config, command=command, wall_seconds=time.perf_counter() - started)
+    report = write_report(result, mnist, result.config, command=command, wall_seconds=time.perf_counter() - started)
     return result, report
+
+
+def seed_statistics(test_errors: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max of per-seed test errors."""
+    values = list(test_errors)
+    return {"seeds": len(values), "mean": statistics.mean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool, command: str) -> dict[str, Any]:
+    """summary.md and summary.json beside the per-seed run folders: each seed's final test error and
+    training error, then mean +- sd and min-max over the seeds next to the paper's figure."""
+    rows, errors = [], []
+    for seed, run_dir in sorted(runs.items()):
+        history = json.loads((run_dir / "history.json").read_text())
+        final = history[-1]
+        errors.append(1 - final["test_acc"])
+        rows.append({"seed": seed, "run": run_dir.name, "passes": len(history), "test_error": 1 - final["test_acc"],
+                     "train_error": 1 - final["train_eval_acc"] if "train_eval_acc" in final else None,
+                     "seconds": sum(r["seconds"] for r in history)})
+    stats = seed_statistics(errors)
+    paper = PAPER_TEST_ERROR[distortions]
+    summary = {"recipe": "lecun1998", "distortions": distortions, "paper_test_error": paper, **stats, "runs": rows,
+               "command": command}
+    atomic_write_text(parent / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def percent(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}%"
+
+    table = "\n".join(f"| {r['seed']} | {r['passes']} | {percent(r['test_error'])} | {percent(r['train_error'])} | "
+                      f"{r['seconds'] / 60:.1f} |" for r in rows)
+    verdict = "at or below" if stats["mean"] <= paper + 1e-12 else "above"
+    text = f"""# LeNet-5 (1998) reproduction{' with distortions' if distortions else ''}: {len(rows)} seeds
+
+```sh
+{command}
+```
+
+Test error over {len(rows)} seeds: **{100 * stats['mean']:.2f}% +- {100 * stats['sd']:.2f}** (mean +- sample sd),
+min {100 * stats['min']:.2f}%, max {100 * stats['max']:.2f}%; the paper: {100 * paper:.2f}% (one run). The mean is
+{verdict} the paper's figure.
+
+| seed | passes | test error | training error | minutes |
+|---:|---:|---:|---:|---:|
+{table}
+
+Each seed's run folder holds its report.md, curves and misclassified digits.
+"""
+    atomic_write_text(parent / "summary.md", text)
+    return summary

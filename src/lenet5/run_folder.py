@@ -37,12 +37,19 @@ from lenet5.plots import plot_curves
 # Test hook, read by tests/test_run_folder.py only: "FILE:EPOCH" (e.g. "last.state.pt:2") kills
 # this process with SIGKILL while it writes FILE for EPOCH, leaving a half-written temporary file.
 TEST_CRASH_ENV = "LENET5_TEST_CRASH_AT"
-CHECKPOINT_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+CHECKPOINT_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc")
+
+
+def selection_key(history: list[dict[str, Any]]) -> str:
+    """The record field that chooses the best epoch (and stops a run at --stop-at): validation
+    accuracy where a validation split was held out, else, the Keras recipe's way, test accuracy."""
+    return "val_acc" if history and "val_acc" in history[0] else "test_acc"
 
 
 def best_record(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The epoch with the highest test accuracy (the first of equals)."""
-    return max(history, key=lambda r: r["test_acc"])
+    """The epoch the best checkpoint holds: the first with the highest selection accuracy."""
+    key = selection_key(history)
+    return max(history, key=lambda r: r[key])
 
 
 class RunFolder:
@@ -152,7 +159,7 @@ class RunFolder:
     def _write_checkpoint(self, weights: Path, model: DigitClassifier, config: dict[str, Any],
                           record: dict[str, Any], epoch: int) -> None:
         data, sidecar = checkpoint_files(model, config=config, epoch=record["epoch"],
-                                         metrics={k: record[k] for k in CHECKPOINT_METRICS})
+                                         metrics={k: record[k] for k in CHECKPOINT_METRICS if k in record})
         self._write(weights, data, epoch)
         self._write(weights.with_suffix(".json"), sidecar, epoch)
 

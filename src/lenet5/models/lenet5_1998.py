@@ -262,6 +262,8 @@ class LeNet5_1998(DigitClassifier):
     # A reproduction: the paper's arithmetic in fp32 (SDLM's step divides by Hessian estimates that
     # bf16 would round to 3 digits), and its layers are narrow anyway.
     bf16_pays = False
+    display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
+    label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
     def __init__(self, j: float = 0.1, num_classes: int = 10):
         super().__init__()

@@ -32,18 +32,25 @@ class DigitClassifier(nn.Module):
     # Whether bf16 autocast speeds training up where bf16 is native (`--precision auto` asks):
     # true for wide layers; a model of narrow layers or with exact fp32 arithmetic says no.
     bf16_pays: bool = True
+    # How viewers draw a layer whose output is a vector: name -> (rows, columns) of the picture
+    # that layer means (the 1998 network's F6 is the 7x12 bitmap its RBF output compares with).
+    display_shapes: dict[str, tuple[int, int]] = {}
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean training loss of a batch."""
-        return F.cross_entropy(outputs, labels)
+    # Whether `loss` takes label_smoothing (a model whose outputs are not logits says no).
+    label_smoothing_ok: bool = True
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean training loss of a batch (cross-entropy, against targets smoothed by `label_smoothing`)."""
+        return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """Scores whose argmax is the prediction and whose softmax is the class probabilities."""
         return outputs
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B, classes) of input images x: the one expression every caller uses."""
-        return torch.softmax(self.logits(self(x)), 1)
+    def probabilities(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Class probabilities (B, classes) of input images x: the one expression every caller uses.
+        A `temperature` above 1 softens them (lenet5.calibration fits one per checkpoint)."""
+        return torch.softmax(self.logits(self(x)) / temperature, 1)
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The network as named stages run in order (a model may override `activations` instead)."""

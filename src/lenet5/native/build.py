@@ -8,7 +8,8 @@ under a temporary name and renamed, so processes starting together (torchrun ran
 a half-written file.
 
 No ninja and no pybind11: the kernels register themselves as torch operators (TORCH_LIBRARY),
-which needs only the ATen headers and keeps a cold build at about 10 s.
+which needs only the ATen headers and keeps a cold build at about 10 s. A source that needs no
+ATen (`torch_ops=False`, a plain C ABI for ctypes) builds without them in about a second.
 """
 
 from __future__ import annotations
@@ -50,30 +51,34 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _command(cxx: str, march: str, output: Path) -> list[str]:
+def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True) -> list[str]:
+    base = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+    if not torch_ops:
+        return [*base, str(source), "-o", str(output)]
     torch_lib = str(Path(torch.__file__).parent / "lib")
-    return [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    return [*base, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *[f"-I{p}" for p in cpp_extension.include_paths()],
-            str(SOURCE), "-o", str(output),
+            str(source), "-o", str(output),
             f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
 
 
-def library(march: str = "native") -> Path:
-    """Path of the compiled library for this CPU (or `march`), building it on first use."""
+def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True) -> Path:
+    """Path of the compiled library of `source` for this CPU (or `march`), building it on first use;
+    `torch_ops=False` for a source with a plain C ABI that includes no ATen header."""
     if sys.platform == "win32":
         raise BuildError("native kernels are built on Linux and macOS only")
     cxx = compiler()
-    key_parts = [SOURCE.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(),
-                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"))).encode()]
+    key_parts = [source.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(),
+                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"), source, torch_ops)).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
-    target = Path(user_cache_dir("lenet5")) / "native" / key / "lenet5_native.so"
+    name = "lenet5_native.so" if source == SOURCE else f"lenet5_{source.stem}.so"
+    target = Path(user_cache_dir("lenet5")) / "native" / key / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     try:
-        done = subprocess.run(_command(cxx, march, partial), capture_output=True, text=True)
+        done = subprocess.run(_command(cxx, march, partial, source, torch_ops), capture_output=True, text=True)
     except OSError as e:
         raise BuildError(f"{cxx} could not run: {e}") from None
     if done.returncode != 0:

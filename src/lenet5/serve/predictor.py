@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lenet5.calibration import Calibration, judge
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data import describe_dataset
 from lenet5.data.transforms import to_model_input
@@ -88,9 +89,11 @@ def _diverging(values: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def layer_images(maps: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Each layer's maps as one PNG: channels side by side (1-px gaps), vectors as a strip
-    (F6's 84 units as the 7x12 bitmap the RBF output compares them with)."""
+def layer_images(maps: dict[str, np.ndarray], display_shapes: dict[str, tuple[int, int]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Each layer's maps as one PNG: channels side by side (1-px gaps), vectors as a strip 4 pixels
+    tall, or as the picture the model's `display_shapes` names (the 1998 network's F6: 7x12)."""
+    display_shapes = display_shapes or {}
     layers = []
     for name, value in maps.items():
         if name == "input":
@@ -104,8 +107,8 @@ def layer_images(maps: dict[str, np.ndarray]) -> list[dict[str, Any]]:
             rgb[np.isnan(tiles)] = 240
         else:
             vector = value.reshape(-1)
-            grid = vector.reshape(12, 7) if vector.size == 84 else np.repeat(vector[None, :], 4, axis=0)
-            rgb = _diverging(grid)  # a plain vector is drawn as a strip 4 pixels tall
+            shape = display_shapes.get(name)
+            rgb = _diverging(vector.reshape(shape) if shape else np.repeat(vector[None, :], 4, axis=0))
         layers.append({"name": name, "shape": list(value.shape), "png": _png(rgb)})
     return layers
 
@@ -114,6 +117,7 @@ class Predictor:
     def __init__(self, checkpoint: str | Path):
         loaded = load_checkpoint(checkpoint, "cpu")
         self.model, self.meta, self.path = loaded.model, loaded.meta, loaded.path
+        self.calibration = Calibration.from_meta(self.meta)
 
     def info(self) -> dict[str, Any]:
         spec = describe_dataset(self.model.dataset)
@@ -123,6 +127,7 @@ class Predictor:
                 "metrics": self.meta.get("metrics", {}), "checkpoint": self.path.name,
                 "dataset": self.model.dataset, "dataset_title": spec.title if spec else self.model.dataset,
                 "classes": list(self.model.classes), "noun": noun,
+                "calibration": self.calibration.to_meta() | {"rule": self.calibration.rule()},
                 "input": f"an image of {noun}, any size; or 28x28 pixels 0-255, ink high"}
 
     def from_image(self, data: bytes, maps: bool) -> dict[str, Any]:
@@ -146,18 +151,23 @@ class Predictor:
 
     def answer(self, digit: np.ndarray, maps: bool) -> dict[str, Any]:
         started = time.perf_counter()
+        temperature = self.calibration.temperature
         if maps:
             explanation = explain_digit(self.model, digit)
-            probabilities = explanation.probabilities
+            # softmax(z / T) is softmax(z) to the power 1 / T, renormalised
+            probabilities = explanation.probabilities.astype(np.float64) ** (1 / temperature)
+            probabilities /= probabilities.sum()
         else:  # the fast path: no activations kept
             with torch.no_grad():
                 x = to_model_input(torch.from_numpy(digit)[None])
-                probabilities = self.model.probabilities(x)[0].numpy()
+                probabilities = self.model.probabilities(x, temperature)[0].numpy()
         rounded = [round(float(p), 6) for p in probabilities]
         index = int(np.argmax(probabilities))
-        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded),
-                  "probabilities": rounded, "prepared": _png(digit), "model": self.meta["model"]}
+        unsure = bool(judge(torch.as_tensor(probabilities)[None], self.calibration)[0])
+        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded), "unsure": unsure,
+                  "calibrated": self.calibration.fitted, "probabilities": rounded,
+                  "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
-            result["maps"] = layer_images(explanation.maps)
+            result["maps"] = layer_images(explanation.maps, explanation.display_shapes)
         result["inference_ms"] = round(1000 * (time.perf_counter() - started), 3)
         return result

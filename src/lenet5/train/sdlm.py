@@ -37,15 +37,22 @@ class SDLM(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            # Per-parameter step sizes: recomputed only when lr changes (once per pass).
-            for p in params:
-                state = self.state[p]
-                if state.get("step_lr") != group["lr"] or "step_size" not in state:
-                    hessian = state.get("hessian", torch.zeros_like(p))
-                    state["step_size"] = group["lr"] / (group["mu"] + hessian)
-                    state["step_lr"] = group["lr"]
-            torch._foreach_addcmul_(params, [p.grad for p in params], [self.state[p]["step_size"] for p in params],
+            torch._foreach_addcmul_(params, [p.grad for p in params], [self._step_size(group, p) for p in params],
                                     value=-1)
+
+    @torch.no_grad()
+    def step_sizes(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """Every parameter's step lr / (mu + h) at the current lr: what `step` multiplies its gradient by."""
+        return {p: self._step_size(group, p) for group in self.param_groups for p in group["params"]}
+
+    def _step_size(self, group: dict, p: torch.nn.Parameter) -> torch.Tensor:
+        # Recomputed only when lr changes (once per pass).
+        state = self.state[p]
+        if state.get("step_lr") != group["lr"] or "step_size" not in state:
+            hessian = state.get("hessian", torch.zeros_like(p))
+            state["step_size"] = group["lr"] / (group["mu"] + hessian)
+            state["step_lr"] = group["lr"]
+        return state["step_size"]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

@@ -16,8 +16,10 @@ from lenet5.models import DigitClassifier
 
 def capture_train_state(*, epoch: int, model: DigitClassifier, optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler, history: list[dict],
-                        rank_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """`rank_rng`: under torchrun, every rank's CPU generator state, in rank order."""
+                        rank_rng: list[torch.Tensor] | None = None,
+                        average: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`rank_rng`: under torchrun, every rank's CPU generator state, in rank order; `average`:
+    the weight average's state, where the run keeps one (--ema)."""
     state: dict[str, Any] = {
         "epoch": epoch,
         "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
@@ -28,6 +30,8 @@ def capture_train_state(*, epoch: int, model: DigitClassifier, optimizer: torch.
     }
     if rank_rng is not None:
         state["rng_cpu_ranks"] = rank_rng
+    if average is not None:
+        state["average"] = average
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -91,7 +91,8 @@ async function predict() {
 
 function show(result) {
   digitOut.textContent = result.label ?? String(result.digit);
-  confidenceOut.textContent = `${(100 * result.confidence).toFixed(1)}% sure`;
+  confidenceOut.textContent = `${(100 * result.confidence).toFixed(1)}% sure`
+    + (result.unsure ? " (unsure: this may not be what the model knows)" : "");
   bars.querySelectorAll("li").forEach((li, d) => {
     const p = result.probabilities[d];
     li.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;

@@ -1,0 +1,233 @@
+"""Per-pattern SDLM training of lenet5-1998: the native pass against the plain PyTorch steps,
+its fallback, the seeded distortions, and fit() with resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lenet5 import native
+from lenet5.data import Split
+from lenet5.errors import DataError
+from lenet5.models import create_model
+from lenet5.native import sdlm_pass
+from lenet5.native.build import BuildError, compiler
+from lenet5.reproduce import ETA_PER_SAMPLE
+from lenet5.train import Callback, TrainConfig, TrainStep, fit, perpattern, resume
+from lenet5.train.optim import build_optimizer, build_schedule
+from lenet5.train.sdlm import diagonal_hessian
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """Skips only when there is no compiler at all; a compiler that fails is a failure."""
+    try:
+        compiler()
+    except BuildError as e:
+        pytest.skip(str(e))
+    assert sdlm_pass.available(), sdlm_pass.why_unavailable()
+
+
+@pytest.fixture
+def one_thread():
+    """The plain path at batch size 1 is fastest on one thread (and far slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def setup(train: Split, lr: float = ETA_PER_SAMPLE, schedule: str = "lecun1998"):
+    """A fresh lenet5-1998 as fit() builds it, its SDLM with a Hessian estimate, and the schedule."""
+    torch.manual_seed(0)
+    model = create_model("lenet5-1998").to(memory_format=torch.channels_last)
+    config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=lr, schedule=schedule, batch_size=1, epochs=20)
+    optimizer = build_optimizer(model.parameters(), config)
+    scheduler = build_schedule(optimizer, config, len(train))
+    optimizer.set_hessian(diagonal_hessian(model, train.images[:200]))
+    return model, optimizer, scheduler
+
+
+def run_pass(train: Split, native_path: bool, distort: bool, lr: float = ETA_PER_SAMPLE):
+    model, optimizer, scheduler = setup(train, lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    loss, accuracy = perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), train, order,
+                                           distort=distort, native=native_path)
+    return {"model": model, "before": before, "optimizer": optimizer, "scheduler": scheduler,
+            "loss": loss, "accuracy": accuracy, "rng": torch.get_rng_state()}
+
+
+@pytest.mark.parametrize("distort", [False, True], ids=["plain", "distorted"])
+def test_native_pass_is_the_plain_per_pattern_steps(kernel, mnist, distort, one_thread):
+    # 5x the recipe's rate, so that 200 patterns move every parameter well beyond rounding.
+    train = mnist.train.head(200)
+    fast, plain = (run_pass(train, native_path, distort, lr=5 * ETA_PER_SAMPLE) for native_path in (True, False))
+    # Tolerance: each parameter tensor within 1e-5 of its largest value, and what the pass changed
+    # within 1e-4 of the largest change (measured: 1.2e-6 and 7e-6; sums in another order and a tanh
+    # a few ulp from PyTorch's, over 200 updates).
+    for (name, a), b, start in zip(fast["model"].named_parameters(), plain["model"].parameters(), plain["before"]):
+        change = (b - start).abs().max().item()
+        assert change > 0, name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item(), msg=name)
+        torch.testing.assert_close(a - start, b - start, rtol=0, atol=1e-4 * change, msg=name)
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert fast["accuracy"] == plain["accuracy"]
+    # The schedule, the optimizer's state and the random stream are where 200 plain steps leave them.
+    assert fast["scheduler"].state_dict() == plain["scheduler"].state_dict()
+    assert fast["scheduler"].last_epoch == 200
+    assert torch.equal(fast["rng"], plain["rng"])  # distortions drew exactly what 200 steps draw
+    for p, q in zip(fast["model"].parameters(), plain["model"].parameters()):
+        a, b = fast["optimizer"].state[p], plain["optimizer"].state[q]
+        assert a["step_lr"] == b["step_lr"] and torch.equal(a["step_size"], b["step_size"])
+
+
+def test_distortions_are_seeded(kernel, mnist):
+    train = mnist.train.head(200)
+    first, again = run_pass(train, True, True), run_pass(train, True, True)
+    for a, b in zip(first["model"].parameters(), again["model"].parameters()):
+        assert torch.equal(a, b)
+    undistorted = run_pass(train, True, False)
+    assert undistorted["loss"] != first["loss"]
+
+
+def test_plain_path_where_the_native_one_cannot_run(mnist, caplog, one_thread):
+    train = mnist.train.head(40)
+    model, optimizer, scheduler = setup(train, schedule="cosine")
+    assert perpattern.why_plain(model, optimizer, scheduler, len(train)) in (
+        "the learning rate changes within the pass", sdlm_pass.why_unavailable())
+    with native.disabled():
+        model, optimizer, scheduler = setup(train)
+        assert perpattern.why_plain(model, optimizer, scheduler, len(train)) == "disabled by lenet5.native.disabled()"
+        with caplog.at_level(logging.INFO, logger="lenet5.train.perpattern"):
+            step = TrainStep(model, optimizer, scheduler, model)
+            loss, accuracy = perpattern.train_pass(step, train, torch.arange(len(train)))
+        assert "PyTorch path" in caplog.text and 0 < loss < 200 and 0 <= accuracy <= 1
+        assert scheduler.last_epoch == len(train)
+        with pytest.raises(RuntimeError, match="cannot run: disabled"):
+            perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), train, torch.arange(4), native=True)
+
+
+SCRIPT = """
+import torch
+from lenet5.data import load_mnist
+from lenet5.models import create_model
+from lenet5.native import sdlm_pass
+from lenet5.train import TrainConfig, TrainStep, perpattern
+from lenet5.train.optim import build_optimizer, build_schedule
+torch.set_num_threads(1)
+train = load_mnist({root!r}, download=False).train.head(20)
+model = create_model("lenet5-1998")
+config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=1e-5, schedule="lecun1998", batch_size=1)
+optimizer = build_optimizer(model.parameters(), config)
+scheduler = build_schedule(optimizer, config, len(train))
+step = TrainStep(model, optimizer, scheduler, model)
+loss, accuracy = perpattern.train_pass(step, train, torch.arange(20), distort=True)
+print("available", sdlm_pass.available(), "loss", round(loss, 3), "steps", scheduler.last_epoch)
+"""
+
+
+@pytest.mark.parametrize("env", [{"CXX": "/nonexistent/c++"}, {"LENET5_NATIVE": "0"}], ids=["no-compiler", "off"])
+def test_trains_on_the_plain_path_without_the_kernel(mnist_dir, tmp_path, env):
+    run_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}  # an empty cache: nothing built before
+    done = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(mnist_dir))], env=run_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "available False loss" in done.stdout and "steps 20" in done.stdout
+    if "CXX" in env:
+        assert "falling back to the PyTorch path" in done.stderr and "/nonexistent/c++" in done.stderr
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_bad_input_is_refused_clearly(kernel, mnist):
+    train = mnist.train.head(20)
+    model, optimizer, scheduler = setup(train)
+    with pytest.raises(DataError, match="uint8 \\(N, 28, 28\\) images"):
+        perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), Split(train.images.float(), train.labels),
+                              torch.arange(20))
+    with pytest.raises(DataError, match="outside the 20 training images"):
+        perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), train, torch.tensor([0, 20]))
+    with pytest.raises(DataError, match="1-D int64"):
+        perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), train, torch.arange(20).float())
+    with pytest.raises(DataError, match="digits 0-9"):
+        perpattern.train_pass(TrainStep(model, optimizer, scheduler, model), Split(train.images, train.labels + 10),
+                              torch.arange(20))
+    assert scheduler.last_epoch == 0  # nothing ran
+
+
+class StopAfter(Callback):
+    """Simulates Ctrl-C at the end of an epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, record):
+        if record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_fit_takes_the_native_pass_and_resumes_exactly(kernel, mnist, tmp_path, caplog):
+    # 3 passes on the paper's schedule: the rate drops after pass 2, so step sizes change between passes.
+    config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA_PER_SAMPLE, schedule="lecun1998",
+                         batch_size=1, epochs=3, distort=True, hessian_samples=100, train_samples=1_000,
+                         test_samples=300, seed=2, threads=1)
+    with caplog.at_level(logging.DEBUG, logger="lenet5.train.perpattern"):
+        whole = fit(config, mnist, tmp_path / "whole")
+    assert caplog.text.count("per-pattern pass on the native path") == 3
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, mnist, tmp_path / "split", callbacks=[StopAfter(2)])
+    resumed = resume(tmp_path / "split", mnist)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    strip = lambda history: [{k: v for k, v in r.items() if "seconds" not in k} for r in history]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    assert [r["lr"] for r in whole.history] == pytest.approx([ETA_PER_SAMPLE] * 2 + [0.4 * ETA_PER_SAMPLE])
+
+
+def test_fit_gives_what_the_plain_path_gives(kernel, mnist, tmp_path, one_thread):
+    config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA_PER_SAMPLE, schedule="lecun1998",
+                         batch_size=1, epochs=2, hessian_samples=100, train_samples=200, test_samples=300, threads=1)
+    fast = fit(config, mnist, tmp_path / "native")
+    with native.disabled():
+        plain = fit(config, mnist, tmp_path / "plain")
+    for a, b in zip(fast.history, plain.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+    for (name, a), b in zip(fast.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("march", ["haswell", "x86-64"], ids=["avx2", "sse"])
+def test_narrower_vector_builds_agree(kernel, mnist, march):
+    """The kernel built for an AVX2-only or an SSE-only CPU trains as this CPU's build does."""
+    train = mnist.train.head(200)
+    images, labels = train.images.float().div(255), train.labels
+    model, optimizer, _ = setup(train, lr=5 * ETA_PER_SAMPLE)
+    results = []
+    for lib in (None, sdlm_pass.load(march)):
+        work, steps, prototypes, pairs = perpattern.kernel_arguments(model, optimizer)
+        losses, _ = sdlm_pass.run(images, labels, work, steps, prototypes, pairs, model.j, lib=lib)
+        results.append((work, losses))
+    (here, here_losses), (there, there_losses) = results
+    torch.testing.assert_close(there_losses, here_losses, rtol=1e-5, atol=0)
+    for (name, p), a, b in zip(model.named_parameters(), here, there):
+        change = (a - p.detach()).abs().max().item()
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * change, msg=name)
+
+
+def test_the_kernel_refuses_labels_outside_the_digits(kernel):
+    model = create_model("lenet5-1998")
+    params = [p.detach().clone(memory_format=torch.contiguous_format) for p in model.parameters()]
+    steps = [torch.zeros_like(p) for p in params]
+    slots = model.C3.slots
+    pairs = torch.stack([slots // 6, slots % 6], 1).to(torch.int32).contiguous()
+    with pytest.raises(ValueError, match="labels outside 0-9"):
+        sdlm_pass.run(torch.zeros(2, 28, 28), torch.tensor([3, 10]), params, steps,
+                      model.output.prototypes.contiguous(), pairs, 0.1)
