@@ -213,7 +213,7 @@ _FAST_FP32 = {"model": "slim-lenet", "lr": 1e-2, "batch_size": 128, "epochs": 2,
 # The recipe of digits beyond MNIST's look (issue 12): chosen on a validation split (training digits 55,000-59,999
 # and their stress versions) by docs/scripts/robust_search.py; it keeps those 5,000 digits out of training for
 # the calibration of its "unsure" answers.
-_ROBUST = {"model": "robust-lenet", "augment": "robust", "lr": 5e-3, "batch_size": 128, "epochs": 15,
+_ROBUST = {"model": "robust-lenet", "augment": "robust", "lr": 5e-3, "batch_size": 128, "epochs": 20,
            "train_samples": 55_000, **_ONE_CYCLE}
 
 RECIPES: dict[str, Recipe] = {
@@ -235,7 +235,7 @@ RECIPES: dict[str, Recipe] = {
     "fast-gpu": Recipe("what `fast` picks on a GPU: keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs", _FAST_GPU),
     "robust": Recipe(
         "digits beyond MNIST's look (thick, thin, rotated, blurred, low-resolution, photographed): robust-lenet, "
-        "the robust augmentation (lenet5.data.augment), Adam 5e-3 one-cycle, batch 128, 15 epochs on the first "
+        "the robust augmentation (lenet5.data.augment), Adam 5e-3 one-cycle, batch 128, 20 epochs on the first "
         "55,000 training digits, then calibrated on the other 5,000 (docs/results/stress/)",
         _ROBUST, calibrate=True),
 }
