@@ -321,13 +321,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              "" if p.unsure is None else str(p.unsure).lower()])
     else:
         width = max(len(p.file) for p in predictions)
-        print(f"{'file':<{width}}  digit  confidence  {'':6}  top-3")
+        print(f"{'file':<{width}}  digit  confidence  top-3")
         for p in predictions:
             if p.error:
                 print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
             else:
                 top = "  ".join(f"{d} {v:.1%}" for d, v in p.top3)
-                print(f"{p.file:<{width}}  {p.digit:>5}  {p.confidence:>10.1%}  {'unsure' if p.unsure else '':6}  {top}")
+                unsure = f"  unsure: {p.unsure_reason}" if p.unsure else ""
+                print(f"{p.file:<{width}}  {p.digit:>5}  {p.confidence:>10.1%}  {top}{unsure}")
         print(f"unsure: {calibration.rule()}")
     failed = sum(p.error is not None for p in predictions)
     if failed:
