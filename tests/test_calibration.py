@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lenet5.calibration import (DEFAULT, Calibration, calibrate, calibrate_checkpoint, fit_temperature,
+from lenet5.calibration import (DEFAULT, Calibration, calibrate, fit_temperature,
                                 heldout_digits, judge, logits_of, threshold_for_error)
 from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.cli import main
