@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lenet5.calibration import (DEFAULT, Calibration, calibrate, fit_temperature,
-                                heldout_digits, judge, threshold_for_error)
+                                heldout_digits, judge, logits_of, threshold_for_error)
 from lenet5.checkpoint import load_checkpoint, save_checkpoint
 from lenet5.cli import main
 from lenet5.data import Split
@@ -35,7 +35,18 @@ def test_the_threshold_keeps_the_most_confident_digits_within_the_target_error()
     threshold, rejected, error = threshold_for_error(confidence, correct, 0.2)
     assert threshold == pytest.approx(0.65) and rejected == pytest.approx(2 / 8) and error == pytest.approx(1 / 6)
     assert threshold_for_error(confidence, correct, 0.0)[:2] == (pytest.approx(0.85), pytest.approx(4 / 8))
-    assert judge(torch.tensor([[0.6, 0.4], [0.9, 0.1]]), Calibration(1.0, 0.65)).tolist() == [True, False]
+    judgement = judge(torch.tensor([[0.6, 0.4], [0.9, 0.1]]).log(), Calibration(1.0, 0.65))
+    assert judgement.unsure.tolist() == [True, False] and judgement.reason(0) == "low confidence"
+    assert judgement.reason(1) is None
+
+
+def test_weak_evidence_is_unlike_a_digit_even_when_confident():
+    """Logits (0, -5) and (10, 5) give the same softmax; only the second has the evidence of a digit."""
+    logits = torch.tensor([[0.0, -5.0], [10.0, 5.0]])
+    judgement = judge(logits, Calibration(1.0, 0.9, evidence_threshold=5.0))
+    torch.testing.assert_close(judgement.probabilities[0], judgement.probabilities[1])
+    assert judgement.low_confidence.tolist() == [False, False] and judgement.unlike_digits.tolist() == [True, False]
+    assert judgement.reason(0) == "unlike the digits it knows" and judgement.reason(1) is None
 
 
 def test_calibration_round_trips_through_a_checkpoint_and_old_ones_get_the_default(tmp_path):
@@ -87,10 +98,10 @@ def test_non_digits_are_marked_unsure_far_more_often_than_digits(mnist, run):
     heldout = Split(mnist.train.images[50_000:55_000], mnist.train.labels[50_000:55_000])
     calibration = calibrate(model, heldout, target_error=0.005)
     assert calibration.fitted and calibration.heldout_error <= 0.005 and 0 < calibration.heldout_rejected < 0.3
+    assert calibration.evidence_threshold is not None
 
     def unsure(images: torch.Tensor) -> float:
-        probabilities = class_probabilities(model, images, temperature=calibration.temperature)
-        return judge(probabilities, calibration).double().mean().item()
+        return judge(logits_of(model, images), calibration).unsure.double().mean().item()
 
     digits = unsure(mnist.test.images[:1000])
     others = make_nondigits(per_kind=40)
@@ -115,8 +126,8 @@ def test_calibrate_command_stores_it_and_predict_uses_it(mnist_dir, run, tmp_pat
     assert stored.fitted and stored.heldout_error <= 0.005
     assert main(["predict", str(run), str(image), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
-    assert row["calibrated"] is True and isinstance(row["unsure"], bool)
-    assert row["unsure"] == (row["confidence"] < stored.threshold)
+    assert row["calibrated"] is True and row["unsure"] == (row["unsure_reason"] is not None)
+    assert (row["unsure_reason"] == "low confidence") == (row["confidence"] < stored.threshold and row["unsure"])
 
 
 def test_a_run_that_trained_on_everything_is_refused_in_one_line(mnist_dir, tmp_path, capsys):

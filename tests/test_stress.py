@@ -84,7 +84,7 @@ def test_nondigits_are_made_through_preparation():
 def test_the_cache_is_made_once_and_read_back(mnist, tmp_path, monkeypatch):
     import lenet5.data.nondigits as nondigits
 
-    monkeypatch.setattr(nondigits, "make_nondigits", lambda: make_nondigits(per_kind=4))
+    monkeypatch.setattr(nondigits, "make_nondigits", lambda seed: make_nondigits(per_kind=4, seed=seed))
     test = Split(mnist.test.images[:12], mnist.test.labels[:12])
     made = []
     first, others, path = load_stress_sets(test, tmp_path, on_make=made.append)

@@ -1,24 +1,31 @@
-"""Prediction that knows when it is unsure: a calibrated confidence and a threshold, kept in the checkpoint.
+"""Prediction that knows when it is unsure: a calibrated confidence and two thresholds, kept in the checkpoint.
 
-A network's softmax is not a probability of being right: trained networks are overconfident,
-on digits unlike their training set most of all. Two numbers fitted on digits the network
+A network's softmax is not a probability of being right: trained networks are miscalibrated,
+on inputs unlike their training set most of all. Three numbers fitted on digits the network
 never trained on fix that for `predict` and `serve`:
 
 - a **temperature** T (Guo et al. 2017, "On calibration of modern neural networks", section 4.2):
   probabilities softmax(logits / T), with T minimising the negative log-likelihood of held-out
   digits, so that among digits given confidence c about c are right;
-- a **threshold** on that confidence, read off the rejection curve of the held-out digits: the
-  lowest confidence at which the digits kept have at most `target_error` errors (0.5%, the figure
-  LeCun et al. 1998 report rejection rates for). A prediction below it is marked unsure.
+- a **confidence threshold**, read off the rejection curve of the held-out digits: the lowest
+  confidence at which the digits kept have at most `target_error` errors (0.5%, the figure LeCun
+  et al. 1998 report rejection rates for). Below it the model is **unsure which digit** it is;
+- an **evidence threshold** on logsumexp(logits / T), the negative free energy of Liu et al. 2020
+  ("Energy-based out-of-distribution detection"): how strongly any class responds at all. Below
+  the level of the weakest `OOD_SHARE` (1%) of held-out digits the input **looks unlike a digit**.
+  A letter or a scribble can get a confident softmax (one class a little ahead of the others,
+  all of them weak); its evidence is low. Measured in docs/results/stress/.
 
-The held-out digits are the training digits the run did not train on (`--train-samples N` keeps
-the last 60,000 - N) together with their stress versions (`lenet5.data.stress`), so that the
-threshold is set where inputs are hard, not only on clean MNIST. A checkpoint without a stored
-calibration gets `DEFAULT` (T = 1, unsure below 90%), and every answer says which rule was used.
+Either makes the answer unsure. The held-out digits are the training digits the run did not train
+on (`--train-samples N` keeps the last 60,000 - N) together with their stress versions
+(`lenet5.data.stress`), so that the thresholds are set where inputs are hard, not only on clean
+MNIST. A checkpoint without a stored calibration gets `DEFAULT` (T = 1, unsure below 90%
+confidence, no evidence test), and every answer says which rule was used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +38,7 @@ from lenet5.errors import ConfigError
 from lenet5.models import DigitClassifier
 
 TARGET_ERROR = 0.005
+OOD_SHARE = 0.01  # the share of held-out digits whose evidence the "unlike a digit" threshold is below
 DEFAULT_THRESHOLD = 0.9  # the rule for checkpoints without a calibration: not fitted to any model
 HELDOUT_DIGITS = 10_000  # at most this many held-out digits are used (the first ones)
 HELDOUT_STRESS_DIGITS = 1000  # of which the first are also drawn as each stress set
@@ -40,18 +48,21 @@ HELDOUT_STRESS_DIGITS = 1000  # of which the first are also drawn as each stress
 class Calibration:
     temperature: float
     threshold: float  # on softmax(logits / temperature).max()
+    evidence_threshold: float | None = None  # on logsumexp(logits / temperature); None: no such test
     target_error: float = TARGET_ERROR
     fitted: bool = True  # False: the default rule, not fitted to the model
     heldout: str = ""  # what it was fitted on
-    heldout_rejected: float = 0.0  # the share of those digits the threshold marks unsure
+    heldout_rejected: float = 0.0  # the share of those digits marked unsure, by either test
     heldout_error: float = 0.0  # the error on the rest
 
     def rule(self) -> str:
         """The rule in words, for answers and logs."""
         if not self.fitted:
             return f"default rule (no calibration stored): unsure below {self.threshold:.0%} confidence"
-        return (f"calibrated: temperature {self.temperature:.3g}, unsure below {self.threshold:.1%} "
-                f"(chosen for {self.target_error:.1%} error on held-out digits)")
+        evidence = "" if self.evidence_threshold is None else (
+            f", or unlike a digit below evidence {self.evidence_threshold:.3g} (1% of held-out digits)")
+        return (f"calibrated: temperature {self.temperature:.3g}; unsure below {self.threshold:.1%} confidence "
+                f"({self.target_error:.1%} error on held-out digits){evidence}")
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +92,9 @@ def check_calibration(value: Any) -> str | None:
         if key not in value:
             continue
         v, kind = value[key], f.type
-        if kind == "float":
+        if kind == "float | None" and v is None:
+            continue
+        if kind in ("float", "float | None"):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 return f"calibration {key} must be a finite number, got {str(v)[:40]}"
         elif kind == "bool" and not isinstance(v, bool):
@@ -160,9 +173,15 @@ def calibrate(model: DigitClassifier, heldout: Split, *, target_error: float = T
     temperature = fit_temperature(logits, heldout.labels)
     probabilities = torch.softmax(logits / temperature, 1)
     confidence, predicted = probabilities.max(1)
-    threshold, rejected, error = threshold_for_error(confidence, predicted == heldout.labels, target_error)
-    return Calibration(temperature=temperature, threshold=threshold, target_error=target_error,
-                       heldout=description, heldout_rejected=rejected, heldout_error=error)
+    correct = predicted == heldout.labels
+    threshold, _, _ = threshold_for_error(confidence, correct, target_error)
+    evidence = torch.logsumexp(logits.double() / temperature, 1)
+    evidence_threshold = float(torch.quantile(evidence, OOD_SHARE))
+    calibration = Calibration(temperature=temperature, threshold=threshold, evidence_threshold=evidence_threshold,
+                              target_error=target_error, heldout=description)
+    unsure = judge(logits, calibration).unsure
+    error = float((~correct[~unsure]).double().mean()) if (~unsure).any() else 0.0
+    return dataclasses.replace(calibration, heldout_rejected=float(unsure.double().mean()), heldout_error=error)
 
 
 def heldout_digits(config: dict[str, Any], mnist: MNIST) -> tuple[Split, str]:
@@ -187,9 +206,33 @@ def heldout_with_stress(heldout: Split, digits: int = HELDOUT_STRESS_DIGITS, see
                  torch.cat([heldout.labels, *(s.labels for s in sets.values())]))
 
 
-def judge(probabilities: torch.Tensor, calibration: Calibration) -> torch.Tensor:
-    """(N,) booleans: which of these (N, 10) calibrated probabilities are unsure."""
-    return probabilities.max(1).values < calibration.threshold
+@dataclass
+class Judgement:
+    """What a calibration makes of a batch of logits."""
+
+    probabilities: torch.Tensor  # (N, 10): softmax(logits / T)
+    low_confidence: torch.Tensor  # (N,) bools: below the confidence threshold
+    unlike_digits: torch.Tensor  # (N,) bools: below the evidence threshold
+
+    @property
+    def unsure(self) -> torch.Tensor:
+        return self.low_confidence | self.unlike_digits
+
+    def reason(self, i: int) -> str | None:
+        """Why answer i is unsure, in words (None when it is not)."""
+        if self.unlike_digits[i]:
+            return "unlike the digits it knows"
+        return "low confidence" if self.low_confidence[i] else None
+
+
+def judge(logits: torch.Tensor, calibration: Calibration) -> Judgement:
+    """The calibrated probabilities of (N, 10) logits and which of them are unsure, and why."""
+    scaled = logits.double() / calibration.temperature
+    probabilities = torch.softmax(scaled, 1)
+    low = probabilities.max(1).values < calibration.threshold
+    unlike = torch.zeros_like(low) if calibration.evidence_threshold is None else (
+        torch.logsumexp(scaled, 1) < calibration.evidence_threshold)
+    return Judgement(probabilities.float(), low, unlike)
 
 
 def calibrate_checkpoint(path: str | Path, mnist: MNIST, *, device: str = "auto",

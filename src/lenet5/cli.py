@@ -436,14 +436,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         width = max(len(p.file) for p in predictions)
         label_width = max([5] + [len(p.label) for p in predictions if p.label])
-        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  {'':6}  top-3")
+        print(f"{'file':<{width}}  {'class':>{label_width}}  confidence  top-3")
         for p in predictions:
             if p.error:
                 print(f"{p.file:<{width}}  error: {p.error.removeprefix(Path(p.file).name + ': ')}")
             else:
                 top = "  ".join(f"{name} {v:.1%}" for (_, v), name in zip(p.top3, p.top3_labels))
-                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  "
-                      f"{'unsure' if p.unsure else '':6}  {top}")
+                unsure = f"  unsure: {p.unsure_reason}" if p.unsure else ""
+                print(f"{p.file:<{width}}  {p.label:>{label_width}}  {p.confidence:>10.1%}  {top}{unsure}")
         print(f"unsure: {calibration.rule()}")
     failed = sum(p.error is not None for p in predictions)
     if failed:

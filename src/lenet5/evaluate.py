@@ -84,9 +84,8 @@ def evaluate_stress(path: str | Path, mnist: Dataset, *, device: str = "auto", b
     """Accuracy of a checkpoint on the clean test set and on every stress set (`lenet5.data.stress`,
     made once and cached), with the share its calibration marks unsure and the accuracy on the rest;
     and the share of non-digits (`lenet5.data.nondigits`) it marks unsure."""
-    from lenet5.calibration import Calibration, judge
+    from lenet5.calibration import Calibration, judge, logits_of
     from lenet5.data.stress import load_stress_sets
-    from lenet5.predict import class_probabilities
 
     checkpoint = load_checkpoint(path, resolve_device(device))
     checkpoint.model.to(memory_format=torch.channels_last)
@@ -94,17 +93,18 @@ def evaluate_stress(path: str | Path, mnist: Dataset, *, device: str = "auto", b
     sets, nondigits, cache = load_stress_sets(mnist.test, cache_dir, on_make=on_make)
     rows = []
     for name, split in {"clean": mnist.test, **sets}.items():
-        probs = class_probabilities(checkpoint.model, split.images, batch_size, calibration.temperature)
-        correct = probs.argmax(1) == split.labels
-        unsure = judge(probs, calibration)
+        judgement = judge(logits_of(checkpoint.model, split.images, batch_size), calibration)
+        correct = judgement.probabilities.argmax(1) == split.labels
+        unsure = judgement.unsure
         sure = ~unsure
         rows.append({"set": name, "images": len(split), "accuracy": float(correct.double().mean()),
                      "unsure": float(unsure.double().mean()),
                      "accuracy_when_sure": float(correct[sure].double().mean()) if sure.any() else None})
     others = []
     for name, images in nondigits.items():
-        probs = class_probabilities(checkpoint.model, images, batch_size, calibration.temperature)
-        others.append({"set": name, "images": len(images), "unsure": float(judge(probs, calibration).double().mean())})
+        judgement = judge(logits_of(checkpoint.model, images, batch_size), calibration)
+        others.append({"set": name, "images": len(images), "unsure": float(judgement.unsure.double().mean()),
+                       "unlike_digits": float(judgement.unlike_digits.double().mean())})
     return {"checkpoint": str(checkpoint.path), "model": checkpoint.meta["model"],
             "parameters": count_parameters(checkpoint.model), "epoch": checkpoint.meta.get("epoch"),
             "calibration": calibration.rule(), "stress_cache": str(cache), "digits": rows, "nondigits": others}

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from lenet5.calibration import DEFAULT, Calibration, judge
+from lenet5.calibration import DEFAULT, Calibration, judge, logits_of
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data.transforms import to_model_input
 from lenet5.errors import ConfigError
@@ -33,14 +33,15 @@ class Prediction:
     top3: list[tuple[int, float]] = field(default_factory=list)
     label: str | None = None  # the class name
     top3_labels: list[str] = field(default_factory=list)
-    unsure: bool | None = None  # the calibrated confidence is below the checkpoint's threshold
+    unsure: bool | None = None  # by the checkpoint's calibration (lenet5.calibration)
+    unsure_reason: str | None = None  # "low confidence" or "unlike the digits it knows"
     error: str | None = None
     prepared: np.ndarray | None = field(default=None, repr=False)  # the 28x28 the model saw
     prepared_file: str | None = None  # where --save-prepared wrote it
 
     def as_dict(self) -> dict:
         row = {"file": self.file, "digit": self.digit, "label": self.label, "confidence": self.confidence,
-               "unsure": self.unsure,
+               "unsure": self.unsure, "unsure_reason": self.unsure_reason,
                "top3": [{"digit": d, "label": name, "probability": p} for (d, p), name in zip(self.top3, self.top3_labels)],
                "error": self.error}
         return row | ({"prepared_file": self.prepared_file} if self.prepared_file else {})
@@ -85,15 +86,15 @@ def predict_files(model: DigitClassifier, paths: Sequence[str | Path],
         except ImageError as e:
             prediction.error = str(e)
     if ready:
-        probs = class_probabilities(model, torch.from_numpy(np.stack([p.prepared for p in ready])),
-                                    temperature=calibration.temperature)
-        for prediction, p, unsure in zip(ready, probs, judge(probs, calibration)):
+        judgement = judge(logits_of(model, torch.from_numpy(np.stack([p.prepared for p in ready]))), calibration)
+        for i, (prediction, p) in enumerate(zip(ready, judgement.probabilities)):
             values, digits = p.topk(min(3, len(p)))
             prediction.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
             prediction.top3_labels = [model.classes[d] for d, _ in prediction.top3]
             prediction.digit, prediction.confidence = prediction.top3[0]
             prediction.label = prediction.top3_labels[0]
-            prediction.unsure = bool(unsure)
+            prediction.unsure_reason = judgement.reason(i)
+            prediction.unsure = prediction.unsure_reason is not None
     return predictions
 
 

@@ -151,21 +151,21 @@ class Predictor:
 
     def answer(self, digit: np.ndarray, maps: bool) -> dict[str, Any]:
         started = time.perf_counter()
-        temperature = self.calibration.temperature
         if maps:
             explanation = explain_digit(self.model, digit)
-            # softmax(z / T) is softmax(z) to the power 1 / T, renormalised
-            probabilities = explanation.probabilities.astype(np.float64) ** (1 / temperature)
-            probabilities /= probabilities.sum()
+            outputs = torch.from_numpy(explanation.maps["output"])[None]
         else:  # the fast path: no activations kept
             with torch.no_grad():
-                x = to_model_input(torch.from_numpy(digit)[None])
-                probabilities = self.model.probabilities(x, temperature)[0].numpy()
+                outputs = self.model(to_model_input(torch.from_numpy(digit)[None]))
+        with torch.no_grad():
+            judgement = judge(self.model.logits(outputs), self.calibration)
+        probabilities = judgement.probabilities[0].numpy()
         rounded = [round(float(p), 6) for p in probabilities]
         index = int(np.argmax(probabilities))
-        unsure = bool(judge(torch.as_tensor(probabilities)[None], self.calibration)[0])
-        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded), "unsure": unsure,
-                  "calibrated": self.calibration.fitted, "probabilities": rounded,
+        reason = judgement.reason(0)
+        result = {"digit": index, "label": self.model.classes[index], "confidence": max(rounded),
+                  "unsure": reason is not None, "unsure_reason": reason, "calibrated": self.calibration.fitted,
+                  "probabilities": rounded,
                   "prepared": _png(digit), "model": self.meta["model"]}
         if maps:
             result["maps"] = layer_images(explanation.maps, explanation.display_shapes)
