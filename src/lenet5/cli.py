@@ -411,11 +411,11 @@ def _checkpoint_or_bundled(checkpoint: Path | None) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    items = [Path(item) for item in args.items]
-    if args.checkpoint is None and _is_checkpoint(items[0]):
+    items = list(args.items)  # strings: an empty one is an error of its own, not "."
+    if args.checkpoint is None and items[0] and _is_checkpoint(Path(items[0])):
         if len(items) == 1:
             raise ConfigError(f"{items[0]} is a checkpoint: give the images to predict after it")
-        args.checkpoint, items = items[0], items[1:]
+        args.checkpoint, items = Path(items[0]), items[1:]
     args.checkpoint, args.inputs = _checkpoint_or_bundled(args.checkpoint), items
     predictions, calibration = predict_checkpoint(args.checkpoint, args.inputs, device=args.device,
                                                   save_prepared=args.save_prepared)
@@ -457,7 +457,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.fileio import atomic_write_bytes
     from lenet5.runtime import resolve_device
 
-    items = [Path(item) for item in args.items]
+    items = [Path(item) for item in args.items if item]
     if args.checkpoint is None and items and (len(items) == 2 or _is_checkpoint(items[0])):
         args.checkpoint, items = items[0], items[1:]
     if len(items) > 1:
