@@ -307,6 +307,11 @@ class LeNet5_1998(DigitClassifier):
         network whose weights and inputs are squared and whose activation derivatives are
         squared, so autograd computes it: `grad_scaled` makes the surrogate's forward values the
         squared real states while its backward multiplies by f'(a)^2.
+
+        Against the exact Gauss-Newton diagonal of the same error (per-sample Jacobians by
+        autograd, tests/test_sdlm_hessian.py): equal in C5 and F6, where no term is dropped; below
+        C5 the dropped cross terms add up, and the estimate is smaller, by a median factor of
+        about 1 (S4's biases) to over 10 (C1's biases) at the initialisation (docs/lenet5-1998.md).
         """
         def grad_scaled(state: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
             fprime2 = (A * S * (1 - (state / A) ** 2)) ** 2  # f'(a)^2 from f(a) = A tanh(S a)

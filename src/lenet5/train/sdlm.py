@@ -5,6 +5,11 @@ the Hessian of the per-sample error. Following the paper, h_kk is the Gauss-Newt
 obtained by back-propagating second derivatives with off-diagonal terms dropped (the model
 computes it: `second_derivatives`), averaged over a few hundred training samples and
 re-estimated before every pass.
+
+The average, not the sum: appendix C keeps a running average of the per-pattern second
+derivative, and h then estimates the curvature of one pattern's error, the error that each
+per-pattern step descends. (Summed over the 500 samples, h is 500 times larger and the paper's
+eta of 0.0005 stops learning altogether; docs/lenet5-1998.md.)
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class SDLM(torch.optim.Optimizer):
 def diagonal_hessian(model: DigitClassifier, images: torch.Tensor,
                      chunk: int = 500) -> dict[torch.nn.Parameter, torch.Tensor]:
     """Average per-sample second-derivative estimate over `images` (uint8, (N, 28, 28)):
-    one non-negative tensor per parameter."""
+    one non-negative tensor per parameter, the same whatever `chunk` is."""
     if not hasattr(model, "second_derivatives"):
         raise ConfigError(f"--optimizer sdlm needs a model that estimates its second derivatives "
                           f"(lenet5-1998), not {model.registry_name!r}")
