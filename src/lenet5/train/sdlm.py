@@ -6,10 +6,10 @@ obtained by back-propagating second derivatives with off-diagonal terms dropped 
 computes it: `second_derivatives`), averaged over a few hundred training samples and
 re-estimated before every pass.
 
-The average, not the sum: appendix C keeps a running average of the per-pattern second
-derivative, and h then estimates the curvature of one pattern's error, the error that each
-per-pattern step descends. (Summed over the 500 samples, h is 500 times larger and the paper's
-eta of 0.0005 stops learning altogether; docs/lenet5-1998.md.)
+The average, not the sum: h then estimates the curvature of one pattern's error, the error
+that each per-pattern step descends (eblearn, the later library of LeCun's group, averages too:
+`compute_diaghessian`). Summed over the 500 samples, h is 500 times larger, and at the paper's
+eta of 0.0005 the network hardly learns (docs/lenet5-1998.md, "The paper's learning rate").
 """
 
 from __future__ import annotations
