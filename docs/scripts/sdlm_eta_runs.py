@@ -31,6 +31,7 @@ from lenet5.data.transforms import to_model_input
 from lenet5.models.lenet5_1998 import C3_TABLE, LeNet5_1998
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 
+
 @dataclass
 class Run:
     name: str
