@@ -21,6 +21,14 @@ from lenet5.predict import class_probabilities
 from lenet5.train import TrainConfig, fit
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_float_mode():
+    """An in-process `lenet5 train` turns denormal flushing on for the process (lenet5.runtime); later
+    tests (Hypothesis' floats) need it off, as a fresh process has it."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def test_the_temperature_that_made_the_labels_is_found():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(20_000, 10, generator=generator) * 3

@@ -118,7 +118,10 @@ def test_asking_for_a_missing_gpu(data_env, tmp_path, capsys):
 def test_models_and_data_listings(data_env, capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0
-    assert "keras-lenet   1,256,080" in out and "lenet5           61,706" in out
+    import re
+
+    assert re.search(r"^keras-lenet +1,256,080 ", out, re.M) and re.search(r"^lenet5 +61,706 ", out, re.M)
+    assert re.search(r"^robust-lenet +82,258 ", out, re.M)  # the widest name sets the column
     code, out, _ = run(capsys, "data")
     assert code == 0
     assert out.count("sha256 ok") == 4 and "5923 6742 5958" in out
