@@ -158,3 +158,18 @@ def test_train_refuses_to_calibrate_without_held_out_digits(mnist_dir, tmp_path,
                  "--out-dir", str(tmp_path)])
     assert code == 2 and "--calibrate needs training digits the run does not train on" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_train_calibrate_stores_it_in_the_last_and_best_checkpoints(mnist_dir, tmp_path, capsys, monkeypatch):
+    import lenet5.calibration
+
+    monkeypatch.setattr(lenet5.calibration, "HELDOUT_DIGITS", 1000)
+    monkeypatch.setattr(lenet5.calibration, "HELDOUT_STRESS_DIGITS", 10)
+    code = main(["train", "--model", "slim-lenet", "--optimizer", "adam", "--batch-size", "100", "--epochs", "1",
+                 "--train-samples", "2000", "--test-samples", "200", "--calibrate", "--data-dir", str(mnist_dir),
+                 "--offline", "--out-dir", str(tmp_path), "--name", "r"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for name in ("last", "best"):
+        assert f"checkpoints/{name}.safetensors: calibrated: temperature" in out
+        assert Calibration.from_meta(load_checkpoint(tmp_path / "r" / "checkpoints" / f"{name}.safetensors").meta).fitted

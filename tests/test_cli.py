@@ -120,6 +120,7 @@ def test_models_and_data_listings(data_env, capsys):
     assert code == 0
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows["keras-lenet"] == "1,256,080" and rows["lenet5"] == "61,706" and rows["lenet5-modern"] == "56,042"
+    assert rows["robust-lenet"] == "82,258"
     code, out, _ = run(capsys, "data")
     assert code == 0
     assert out.count("sha256 ok") == 4 and "5923 6742 5958" in out

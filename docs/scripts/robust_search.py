@@ -46,6 +46,7 @@ _ADAM = {"optimizer": "adam", "schedule": "onecycle", "warmup": 0.2, "batch_size
 CANDIDATES: dict[str, dict] = {
     "probe": {"model": "robust-lenet", "lr": 5e-3, "epochs": 2, "augment": "robust", **_ADAM},
     "robust-15": {"model": "robust-lenet", "lr": 5e-3, "epochs": 15, "augment": "robust", **_ADAM},
+    "robust-20": {"model": "robust-lenet", "lr": 5e-3, "epochs": 20, "augment": "robust", **_ADAM},
 }
 
 

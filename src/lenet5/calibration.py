@@ -239,13 +239,25 @@ def calibrate_checkpoint(path: str | Path, mnist: MNIST, *, device: str = "auto"
                          target_error: float = TARGET_ERROR) -> tuple[Calibration, Path]:
     """Calibrate a checkpoint on its run's held-out digits and their stress versions, and store the
     calibration in it (weights unchanged). Returns the calibration and the file written."""
+    return calibrate_checkpoints([path], mnist, device=device, target_error=target_error)[0]
+
+
+def calibrate_checkpoints(paths: list[str | Path], mnist: MNIST, *, device: str = "auto",
+                          target_error: float = TARGET_ERROR) -> list[tuple[Calibration, Path]]:
+    """`calibrate_checkpoint` for checkpoints of one run (its last and best, say): the held-out digits'
+    stress versions are made once, from the first checkpoint's config."""
     from lenet5.checkpoint import load_checkpoint, store_calibration
     from lenet5.runtime import resolve_device
 
-    checkpoint = load_checkpoint(path, resolve_device(device))
-    checkpoint.model.to(memory_format=torch.channels_last)  # faster convolutions, as in training
-    heldout, description = heldout_digits(checkpoint.meta.get("config") or {}, mnist)
-    digits = min(HELDOUT_STRESS_DIGITS, len(heldout))
-    calibration = calibrate(checkpoint.model, heldout_with_stress(heldout, digits), target_error=target_error,
-                            description=f"{description}, and the first {digits:,} of them as every stress set")
-    return calibration, store_calibration(checkpoint, calibration.to_meta())
+    results, heldout = [], None
+    for path in paths:
+        checkpoint = load_checkpoint(path, resolve_device(device))
+        checkpoint.model.to(memory_format=torch.channels_last)  # faster convolutions, as in training
+        if heldout is None:
+            clean, description = heldout_digits(checkpoint.meta.get("config") or {}, mnist)
+            digits = min(HELDOUT_STRESS_DIGITS, len(clean))
+            heldout = heldout_with_stress(clean, digits)
+            description = f"{description}, and the first {digits:,} of them as every stress set"
+        calibration = calibrate(checkpoint.model, heldout, target_error=target_error, description=description)
+        results.append((calibration, store_calibration(checkpoint, calibration.to_meta())))
+    return results

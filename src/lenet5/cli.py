@@ -212,12 +212,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if not world.is_main:
         return 0
-    if args.calibrate:
-        from lenet5.calibration import calibrate_checkpoint
+    if args.calibrate:  # the last checkpoint and the best, which predict and serve take from a run folder
+        from lenet5.calibration import calibrate_checkpoints
 
-        calibration, path = calibrate_checkpoint(result.run_dir, load_data(args),
-                                                 device=given.get("device", "auto"))
-        _print_calibration(calibration, path)
+        folder = RunFolder(result.run_dir)
+        paths = [folder.last_weights] + ([folder.best_weights] if folder.best_weights.is_file() else [])
+        for calibration, path in calibrate_checkpoints(paths, load_data(args), device=given.get("device", "auto")):
+            _print_calibration(calibration, path)
     m = result.metrics
     if m["best_selected_by"] == "val_acc":
         best = (f"best validation accuracy {m['best_val_acc']:.2%} at epoch {m['best_epoch']} "
@@ -612,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "override it)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
-                     help="after training, fit the best checkpoint's temperature and 'unsure' threshold on the "
+                     help="after training, fit the last and best checkpoints' temperature and 'unsure' thresholds on the "
                           "training digits after --train-samples (as `lenet5 calibrate`; default: the recipe's "
                           "choice, else no)")
     run.add_argument("--quiet", action="store_true", help="print only the final summary")

@@ -9,9 +9,9 @@ bring the 28x28 input to 3x3 x 96 features, so the classifier sees where the str
 coarsely; stroke width, blur and resolution changes are learnt from `lenet5.data.augment`.
 
 82,258 parameters (329 KB in fp32); 8.6M multiply-adds per image, about keras-lenet's cost
-(6.5M), which keeps a training epoch of 55,000 digits to seconds on 2 CPU cores with bf16.
-The search that chose it (widths, depth, augmentation) is docs/scripts/robust_search.py,
-with its results in docs/results/stress/.
+(6.5M): an epoch of 55,000 augmented digits took about 20 s on 2 CPU cores in bf16. Its widths
+and depth are a design choice, not searched; the validation-split runs that set its recipe's
+length and augmentation ranges are docs/scripts/robust_search.py, results in docs/results/stress/.
 """
 
 from __future__ import annotations
