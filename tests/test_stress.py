@@ -79,6 +79,8 @@ def test_nondigits_are_made_through_preparation():
     for kind, images in made.items():
         assert images.dtype == np.uint8 and images.shape[1:] == (28, 28) and len(images) >= 4, kind
     assert np.array_equal(make_nondigits(per_kind=8)["letters"], made["letters"])
+    alone = make_nondigits(per_kind=8, kinds=("noise",))  # a kind does not depend on the others made
+    assert list(alone) == ["noise"] and np.array_equal(alone["noise"], made["noise"])
 
 
 def test_the_cache_is_made_once_and_read_back(mnist, tmp_path, monkeypatch):

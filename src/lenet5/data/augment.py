@@ -190,6 +190,7 @@ def noise(images: torch.Tensor, generator: torch.Generator | None = None, *, std
 # from 0.2 to 0.3 on a validation split (training digits 55,000-59,999 and their stress versions;
 # docs/results/stress/README.md), as was the warp's rotation, from 15 to 25 degrees.
 ROBUST_SHARES = {"stroke_width": 0.5, "low_resolution": 0.3, "blur": 0.2, "contrast": 0.3, "noise": 0.3}
+ROBUST_LOWRES_SIZES = (8, 10, 12, 14, 16)  # the sizes `low_resolution` brings a digit down to, one drawn per image
 
 
 def robust(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -197,7 +198,8 @@ def robust(images: torch.Tensor, generator: torch.Generator | None = None) -> to
     (`ROBUST_SHARES`): the augmentation of `lenet5 train --recipe robust`."""
     x = random_warp(images, generator)
     for op in (stroke_width, low_resolution, blur, contrast, noise):
-        x = torch.where(_chosen(x, generator, ROBUST_SHARES[op.__name__]), op(x, generator), x)
+        options = {"sizes": ROBUST_LOWRES_SIZES} if op is low_resolution else {}
+        x = torch.where(_chosen(x, generator, ROBUST_SHARES[op.__name__]), op(x, generator, **options), x)
     return x.clamp(0, 1)
 
 

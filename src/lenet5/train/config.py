@@ -73,6 +73,13 @@ class TrainConfig:
         "augmentation of every training batch, on its device (lenet5.data.augment): none, robust (random "
         "warps with elastic distortion, stroke width, low resolution, blur, contrast, noise), or ops joined "
         "by '+' (warp, stroke_width, low_resolution, blur, contrast, noise); after --distort if both"))
+    outliers: float = field(default=0.0, metadata=_opt(
+        "outlier exposure: add this many non-digit images per training digit to every batch (e.g. 0.25: 32 to "
+        "a batch of 128), drawn from lenet5.data.nondigits' training pool and augmented like the digits, and "
+        "trained towards an answer of no digit in particular (a uniform distribution; Hendrycks et al. 2019); "
+        "digit data sets only (0: none)"))
+    outlier_weight: float = field(default=0.5, metadata=_opt(
+        "weight of the outliers' loss beside the digits' cross-entropy (--outliers only)"))
     flip: bool = field(default=False, metadata=_opt(
         "flip every training image left-right with probability 1/2 (for classes that are mirror-symmetric, "
         "like clothes; wrong for digits and letters)"))
@@ -144,7 +151,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         non_negative = {"eval_batch_size": self.eval_batch_size, "train_samples": self.train_samples, "test_samples": self.test_samples,
                         "val_split": self.val_split, "threads": self.threads, "weight_decay": self.weight_decay, "momentum": self.momentum,
-                        "seed": self.seed}
+                        "seed": self.seed, "outlier_weight": self.outlier_weight}
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
@@ -169,6 +176,10 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing needs a model with logit outputs; {self.model}'s loss is its own")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema is a decay in [0, 1), e.g. 0.999, got {self.ema}")
+        if not 0 <= self.outliers <= 1:
+            raise ConfigError(f"--outliers is a share of the batch in [0, 1], e.g. 0.25, got {self.outliers}")
+        if self.outliers and not model_class(self.model).label_smoothing_ok:
+            raise ConfigError(f"--outliers needs a model with logit outputs; {self.model}'s loss is its own")
         if self.optimizer == "sdlm" and self.model != "lenet5-1998":
             raise ConfigError("--optimizer sdlm needs a model with a Gauss-Newton output: --model lenet5-1998")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):

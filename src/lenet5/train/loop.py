@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from lenet5.train import perpattern
 from lenet5.train.config import HOST_SETTINGS, TrainConfig
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import capture_train_state, restore_rng
+from lenet5.train.outliers import load_outliers
 from lenet5.train.step import TrainStep, steps_per_epoch, train_epoch
 from lenet5.train.threads import ThreadGovernor
 
@@ -164,8 +166,11 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     callbacks = callbacks if world.is_main else ()
     splits = _splits(config, data, device, world)
     augment = compose(augmentation(config.augment, distort=config.distort), random_hflip if config.flip else None)
+    outliers = load_outliers(config.outliers, config.outlier_weight, data.classes, device, announce=(
+        lambda path: print(f"making the non-digits to train on, once (about a minute): {path}", file=sys.stderr,
+                           flush=True)) if world.is_main else None)
     step = TrainStep.build(config, device, steps_per_epoch(len(splits.train), config.batch_size), world=world,
-                           governor=governor, augment=augment, data=data)
+                           governor=governor, augment=augment, data=data, outliers=outliers)
     if world.distributed:  # distortions draw from the global generator: a different stream per rank
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     folder = RunFolder(run_dir)
@@ -180,7 +185,7 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
         epochs = len(history)  # a run that reached --stop-at is finished
     if len(history) < epochs:
         last = len(splits.train) % config.batch_size
-        step.warm_up(splits.train, [config.batch_size] + ([last] if last else []))
+        step.warm_up(splits.train, [config.batch_size] + ([last] if last else []))  # outliers added to each
     for epoch in range(len(history), epochs):
         record = _train_and_evaluate(step, splits, config, epoch, callbacks)
         history.append(record)

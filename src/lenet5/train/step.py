@@ -33,6 +33,7 @@ from lenet5.models import DigitClassifier, create_model, model_class
 from lenet5.train.config import TrainConfig
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.average import WeightAverage
+from lenet5.train.outliers import Outliers, uniform_loss
 from lenet5.train.threads import ThreadGovernor
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -57,6 +58,7 @@ class TrainStep:
     governor: ThreadGovernor | None = None
     label_smoothing: float = 0.0
     average: WeightAverage | None = None  # --ema: what is evaluated and saved
+    outliers: Outliers | None = None  # --outliers: non-digits added to every batch
 
     @property
     def eval_model(self) -> DigitClassifier:
@@ -72,7 +74,7 @@ class TrainStep:
     def build(cls, config: TrainConfig, device: torch.device, steps_per_epoch: int, *,
               world: World = World(), governor: ThreadGovernor | None = None,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              data: Dataset | None = None) -> "TrainStep":
+              data: Dataset | None = None, outliers: Outliers | None = None) -> "TrainStep":
         """The model (initialised from `config.seed`, with one output per class of `data`, MNIST's
         ten digits by default), optimizer, schedule and precision of `config`."""
         torch.manual_seed(config.seed)
@@ -84,7 +86,7 @@ class TrainStep:
         precision = choose_precision(config.precision, device, model_class(config.model).bf16_pays)
         average = WeightAverage(model, config.ema) if config.ema else None
         return cls(model, optimizer, scheduler, model, precision, world, augment, governor, config.label_smoothing,
-                   average)
+                   average, outliers)
 
     def wrap(self, compile: bool) -> None:
         """Wrap the forward pass for data parallelism (under torchrun) and/or torch.compile."""
@@ -97,6 +99,22 @@ class TrainStep:
         if compile:
             self.forward = _compiled(self.forward, device)
 
+    def outputs(self, x: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The forward pass of a batch whose first `digits` rows are digits and the rest outliers, in
+        one call (batch norm's statistics are the whole batch's): the digits' outputs, and the
+        outliers' (None when there are none)."""
+        with self.autocast():
+            outputs = self.forward(x)
+        return (outputs, None) if len(x) == digits else (outputs[:digits], outputs[digits:])
+
+    def objective(self, outputs: torch.Tensor, others: torch.Tensor | None, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the step minimises, the digits' loss, which the epoch reports)."""
+        loss = self.loss(outputs.float(), labels)
+        if others is None:
+            return loss, loss
+        return loss + self.outliers.weight * uniform_loss(self.model.logits(others.float())), loss
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for the forward pass (its backward follows), or nothing for fp32."""
         if self.precision.precision != "bf16":
@@ -107,9 +125,7 @@ class TrainStep:
         """A step's forward and backward with the gradients thrown away: changes no state (batch
         norm's running statistics, which a forward pass in training mode updates, are put back)."""
         buffers = [b.clone() for b in self.model.buffers()]
-        with self.autocast():
-            outputs = self.forward(x)
-        self.loss(outputs.float(), y).backward()
+        self.objective(*self.outputs(x, len(y)), y)[0].backward()  # x may hold outliers after the digits y
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for buffer, saved in zip(self.model.buffers(), buffers):
@@ -125,12 +141,18 @@ class TrainStep:
         any, then measures its first thread counts on the same shadow step.
         """
         device = train.images.device
-        for size in sizes:
+
+        def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
             idx = torch.arange(size, device=device)[self.world.rank::self.world.size]
-            self.shadow(to_model_input(train.images[idx]), train.labels[idx])
+            images = train.images[idx]
+            if self.outliers is not None:  # the first ones: no random draw, which would move the generator
+                images = torch.cat([images, self.outliers.pool[:self.outliers.count(len(idx))]])
+            return to_model_input(images), train.labels[idx]
+
+        for size in sizes:
+            self.shadow(*batch(size))
         if self.governor is not None:
-            idx = torch.arange(sizes[0], device=device)
-            x, y = to_model_input(train.images[idx]), train.labels[idx]
+            x, y = batch(sizes[0])
             self.governor.probe(lambda: self.shadow(x, y))
 
 
@@ -144,7 +166,6 @@ def train_epoch(step: TrainStep, train: Split, batch_size: int, order: torch.Ten
     model, world, governor = step.model, step.world, step.governor
     model.train()
     device = train.images.device
-    autocast = step.autocast()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
@@ -153,14 +174,15 @@ def train_epoch(step: TrainStep, train: Split, batch_size: int, order: torch.Ten
         batch = order[start:start + batch_size]
         idx = batch[world.rank::world.size] if world.distributed else batch
         x, y = to_model_input(train.images[idx]), train.labels[idx]  # (B, 1, 28, 28), (B,)
+        if step.outliers is not None:  # augmented with the digits, in the same call
+            x = torch.cat([x, to_model_input(step.outliers.draw(len(idx)))])
         if step.augment is not None:
             x = step.augment(x)
-        with autocast:
-            outputs = step.forward(x)
-        loss = step.loss(outputs.float(), y)
+        outputs, others = step.outputs(x, len(idx))
+        objective, loss = step.objective(outputs, others, y)
         # DDP averages gradients over ranks; weighting each rank's mean by its share of the batch
         # makes that average the gradient of the whole batch's mean loss, even for uneven shares.
-        scaled = loss * (len(idx) * world.size / len(batch)) if world.distributed else loss
+        scaled = objective * (len(idx) * world.size / len(batch)) if world.distributed else objective
         step.optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         step.optimizer.step()
