@@ -59,3 +59,17 @@ def test_predict_explain_without_a_checkpoint_use_it_and_say_so(mnist, tmp_path,
     assert "predicted 7" in capsys.readouterr().out and (tmp_path / "maps.png").stat().st_size > 5000
     assert main(["predict", str(bundled_checkpoint())]) == 2
     assert "is a checkpoint: give the images to predict after it" in capsys.readouterr().err
+
+
+def test_the_bundled_model_says_unsure_for_noise_and_sure_for_clean_digits(mnist):
+    import torch
+
+    from lenet5.calibration import Calibration, judge, logits_of
+    from lenet5.data.nondigits import make_nondigits
+
+    checkpoint = load_checkpoint(bundled_checkpoint())
+    calibration = Calibration.from_meta(checkpoint.meta)
+    noise = torch.from_numpy(make_nondigits(per_kind=30, seed=1, kinds=("noise",))["noise"])
+    assert judge(logits_of(checkpoint.model, noise), calibration).unsure.double().mean() >= 0.9
+    digits = judge(logits_of(checkpoint.model, mnist.test.images[:500]), calibration)
+    assert digits.unsure.double().mean() <= 0.02
