@@ -249,8 +249,8 @@ _FAST_FP32 = {"model": "slim-lenet", "lr": 1e-2, "batch_size": 128, "epochs": 2,
 # and their stress versions) by docs/scripts/robust_search.py; it keeps those 5,000 digits out of training for
 # the calibration of its "unsure" answers. 20 epochs beat 15 there (docs/results/stress/README.md); the bundled
 # model (lenet5.pretrained) is this recipe's run with seed 2. Training on non-digits (--outliers) marks far more
-# of them unsure but cost 0.12-0.18 points of validation accuracy in every variant tried, so the recipe leaves it
-# out (docs/results/stress/outliers/).
+# of them unsure but cost 0.02-0.18 points of validation accuracy on digits, more on the hardest, so the recipe
+# leaves it out (docs/results/stress/outliers/).
 _ROBUST = {"model": "robust-lenet", "augment": "robust", "lr": 5e-3, "batch_size": 128, "epochs": 20,
            "train_samples": 55_000, **_ONE_CYCLE}
 
