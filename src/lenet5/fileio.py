@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def cached_arrays(path: str | os.PathLike, make: Callable[[], dict[str, Any]],
+                  on_make: Callable[[Path], None] | None = None,
+                  valid: Callable[[dict[str, Any]], bool] = lambda arrays: True) -> dict[str, Any]:
+    """The named numpy arrays of the .npz cache file `path`, or, when it is missing, damaged or not
+    `valid`, `make()`'s, written there atomically (compressed) first; `on_make(path)` is called
+    before making."""
+    import io
+
+    import numpy as np
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            if valid(arrays):
+                return arrays
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is made again below
+    if on_make is not None:
+        on_make(path)
+    arrays = make()
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())  # a FileWriteError names the file and the problem
+    return arrays

@@ -23,7 +23,6 @@ chose the recipe (docs/scripts/robust_search.py), `POOL_SEED` is the training po
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -181,23 +180,10 @@ def outlier_pool(per_kind: int = 2000, seed: int = POOL_SEED, cache_dir: str | o
     kind; `on_make(path)` is called first) and cached there."""
     import platformdirs
 
-    from lenet5.fileio import atomic_write_bytes
+    from lenet5.fileio import cached_arrays
 
     folder = Path(cache_dir) if cache_dir else Path(platformdirs.user_cache_dir("lenet5")) / "outliers"
-    key = hashlib.sha1(f"{POOL_VERSION}-{per_kind}-{seed}".encode()).hexdigest()[:12]
-    path = folder / f"outliers-v{POOL_VERSION}-{per_kind}-{seed}-{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                images = data["images"]
-            if images.ndim == 3 and images.shape[1:] == (28, 28) and images.dtype == np.uint8:
-                return images
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is made again below
-    if on_make is not None:
-        on_make(path)
-    images = make_outlier_pool(per_kind, seed)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=images)
-    atomic_write_bytes(path, buffer.getvalue())
-    return images
+    return cached_arrays(folder / f"outliers-v{POOL_VERSION}-{per_kind}-{seed}.npz",
+                         lambda: {"images": make_outlier_pool(per_kind, seed)}, on_make,
+                         valid=lambda a: "images" in a and a["images"].dtype == np.uint8
+                         and a["images"].shape[1:] == (28, 28))["images"]

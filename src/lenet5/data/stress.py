@@ -45,7 +45,7 @@ from PIL import Image, ImageFilter
 
 from lenet5.data.augment import dilate, downsample_upsample, erode
 from lenet5.data.mnist import Split
-from lenet5.fileio import atomic_write_bytes
+from lenet5.fileio import cached_arrays
 from lenet5.preprocess import ImageError, prepare_file
 
 VERSION = 2  # part of the cache's file name: bump it when a definition changes
@@ -245,26 +245,20 @@ def load_stress_sets(test: Split, cache_dir: str | os.PathLike | None = None, *,
     cache file, or made (a few minutes on 2 cores; `on_make(path)` is called first) and cached there."""
     folder = Path(cache_dir) if cache_dir else stress_cache_dir()
     path = _cache_file(test, folder)
-    if path.is_file() and not refresh:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                names = [k.removesuffix("/images") for k in data.files if k.endswith("/images")]
-                sets = {n: Split(torch.from_numpy(data[f"{n}/images"]), torch.from_numpy(data[f"{n}/labels"]))
-                        for n in names}
-                others = {k.removeprefix("nondigits/"): torch.from_numpy(data[k]) for k in data.files
-                          if k.startswith("nondigits/")}
-            return sets, others, path
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is made again below
-    if on_make is not None:
-        on_make(path)
-    from lenet5.data.nondigits import make_nondigits
 
-    sets = make_stress_sets(test.images.numpy(), test.labels.numpy())
-    others = make_nondigits(seed=NONDIGIT_SEED)
-    arrays = {f"{n}/{k}": getattr(s, k).numpy() for n, s in sets.items() for k in ("images", "labels")}
-    arrays.update({f"nondigits/{k}": v for k, v in others.items()})
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())  # a FileWriteError names the file and the problem
-    return sets, {k: torch.from_numpy(v) for k, v in others.items()}, path
+    def make() -> dict[str, np.ndarray]:
+        from lenet5.data.nondigits import make_nondigits
+
+        sets = make_stress_sets(test.images.numpy(), test.labels.numpy())
+        arrays = {f"{n}/{k}": getattr(s, k).numpy() for n, s in sets.items() for k in ("images", "labels")}
+        arrays.update({f"nondigits/{k}": v for k, v in make_nondigits(seed=NONDIGIT_SEED).items()})
+        return arrays
+
+    def complete(arrays: dict[str, np.ndarray]) -> bool:
+        return not refresh and all(k.replace("/images", "/labels") in arrays for k in arrays if k.endswith("/images"))
+
+    arrays = cached_arrays(path, make, on_make, valid=complete)
+    names = [k.removesuffix("/images") for k in arrays if k.endswith("/images")]
+    sets = {n: Split(torch.from_numpy(arrays[f"{n}/images"]), torch.from_numpy(arrays[f"{n}/labels"])) for n in names}
+    others = {k.removeprefix("nondigits/"): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("nondigits/")}
+    return sets, others, path

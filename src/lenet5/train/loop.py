@@ -40,9 +40,9 @@ from lenet5.run_folder import RunFolder, best_record, selection_key
 from lenet5.runtime import environment, resolve_device
 from lenet5.train import perpattern
 from lenet5.train.config import HOST_SETTINGS, TrainConfig
+from lenet5.train.outliers import load_outliers
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 from lenet5.train.state import capture_train_state, restore_rng
-from lenet5.train.outliers import load_outliers
 from lenet5.train.step import TrainStep, steps_per_epoch, train_epoch
 from lenet5.train.threads import ThreadGovernor
 

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from lenet5.data.catalog import DIGITS
 from lenet5.errors import ConfigError
-
-DIGIT_CLASSES = tuple(str(d) for d in range(10))
 
 
 @dataclass
@@ -56,7 +55,7 @@ def load_outliers(share: float, weight: float, classes: tuple[str, ...], device:
     the data set's classes must be the ten digits."""
     if not share:
         return None
-    if tuple(classes) != DIGIT_CLASSES:
+    if tuple(classes) != DIGITS:
         raise ConfigError("--outliers trains on non-digits, so it needs a data set of the digits 0-9 "
                           f"(this one's classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
     from lenet5.data.nondigits import outlier_pool
