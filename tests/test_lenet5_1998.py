@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -128,6 +129,20 @@ def test_the_papers_schedule():
     rates = lr_multiplier(TrainConfig(model="lenet5-1998", optimizer="sdlm", schedule="lecun1998", epochs=20), 10)
     per_pass = [rates(10 * p) * 5e-4 for p in range(20)]
     assert per_pass == pytest.approx([5e-4] * 2 + [2e-4] * 3 + [1e-4] * 3 + [5e-5] * 4 + [1e-5] * 8)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_the_papers_schedule_capped(batch):
+    """The paper's own rates per pattern, scaled to the batch, none above --lr."""
+    config = TrainConfig(model="lenet5-1998", optimizer="sdlm", schedule="lecun1998-capped", epochs=20,
+                         lr=2e-5 * batch, batch_size=batch)
+    rates = lr_multiplier(config, 10)
+    per_pattern = [rates(10 * p + 9) * config.lr / batch for p in range(20)]
+    assert per_pattern == pytest.approx([2e-5] * 12 + [1e-5] * 8)
+    uncapped = dataclasses.replace(config, lr=5e-4 * batch)
+    paper = lr_multiplier(uncapped, 10)
+    assert [paper(10 * p) * 5e-4 for p in range(20)] == pytest.approx(
+        [5e-4] * 2 + [2e-4] * 3 + [1e-4] * 3 + [5e-5] * 4 + [1e-5] * 8)
 
 
 def test_sdlm_training_learns(mnist, tmp_path):

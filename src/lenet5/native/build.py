@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from platformdirs import user_cache_dir
-from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).with_name("conv_tanh_pool.cpp")
 
@@ -51,13 +50,26 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True) -> list[str]:
+def _include_dirs(exact: bool) -> list[str]:
+    """ATen's header folders. The cache key takes them from torch's layout, without importing
+    torch.utils.cpp_extension (which imports setuptools: a quarter of a second at every start);
+    a build asks cpp_extension itself."""
+    if exact:
+        from torch.utils import cpp_extension
+
+        return list(cpp_extension.include_paths())
+    root = Path(torch.__file__).parent / "include"
+    return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
+
+
+def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True,
+             exact: bool = True) -> list[str]:
     base = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
     if not torch_ops:
         return [*base, str(source), "-o", str(output)]
     torch_lib = str(Path(torch.__file__).parent / "lib")
     return [*base, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *[f"-I{p}" for p in cpp_extension.include_paths()],
+            *[f"-I{p}" for p in _include_dirs(exact)],
             str(source), "-o", str(output),
             f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
 
@@ -69,7 +81,7 @@ def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True
         raise BuildError("native kernels are built on Linux and macOS only")
     cxx = compiler()
     key_parts = [source.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(),
-                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"), source, torch_ops)).encode()]
+                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"), source, torch_ops, exact=False)).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     name = "lenet5_native.so" if source == SOURCE else f"lenet5_{source.stem}.so"
     target = Path(user_cache_dir("lenet5")) / "native" / key / name

@@ -24,7 +24,7 @@ from lenet5.models import list_models, model_class
 # Settings of the machine a run happens to use, not of the run: `--resume` may change them.
 HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw", "sdlm")
-SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998")
+SCHEDULES = ("constant", "step", "onecycle", "cosine", "lecun1998", "lecun1998-capped")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = {"rmsprop": 1e-3, "sgd": 0.01, "adam": 1e-3, "adamw": 1e-3, "sdlm": 5e-4}
 MAX_INT = 2**62  # far past any sensible setting, and safe in the int64 arithmetic of seeds and counts
@@ -58,7 +58,9 @@ class TrainConfig:
         "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
     schedule: str = field(default="constant", metadata=_opt(
         "learning-rate schedule, updated every step; lecun1998: the paper's per-pass rates, as "
-        "multiples of --lr (1, 1, 0.4 x3, 0.2 x3, 0.1 x4, then 0.02)", choices=SCHEDULES))
+        "multiples of --lr (1, 1, 0.4 x3, 0.2 x3, 0.1 x4, then 0.02); lecun1998-capped: the paper's "
+        "rates per pattern themselves (5e-4 x2, 2e-4 x3, 1e-4 x3, 5e-5 x4, then 1e-5), times the batch "
+        "size, but never above --lr", choices=SCHEDULES))
     step_epochs: int = field(default=1, metadata=_opt("step schedule: epochs between decays"))
     gamma: float = field(default=0.1, metadata=_opt("step schedule: decay factor"))
     warmup: float = field(default=0.25, metadata=_opt("onecycle: fraction of the steps spent warming up"))

@@ -67,6 +67,16 @@ def lr_multiplier(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], 
             raise AssertionError
 
         return lecun1998
+    if config.schedule == "lecun1998-capped":
+        # The paper's rates per pattern as they are (times the batch for the mean loss of a batch),
+        # none above --lr: where the paper's early rates are too large to train (docs/lenet5-1998.md),
+        # the cap replaces them, and the later passes run at the paper's own rates.
+        def capped(step: int) -> float:
+            completed = step // steps_per_epoch
+            rate = next(r for last, r in LECUN1998_RATES if last is None or completed < last)
+            return min(1.0, rate * config.batch_size / config.lr)
+
+        return capped
     if config.schedule == "onecycle":
         # Smith & Topin's one-cycle policy: linear warm-up from lr/25, then cosine annealing
         # down to lr/1e4 (the constants of torch's OneCycleLR, without its momentum cycling,

@@ -1,0 +1,106 @@
+"""Choose the 1998 reproduction's rate on a validation split, never on the test set.
+
+Every candidate trains `lenet5-1998` as `lenet5 reproduce lecun1998` does (SDLM, one update per
+pattern, mu 0.02, Hessian on 500 samples before each pass, 20 passes), but on 50,000 training
+digits: `--val-split 10000` holds out the rest. The reproduction reports its last pass, so the
+candidates are ranked by the validation accuracy after the last pass (mean over seeds); the test
+error is printed beside it as a record and chooses nothing.
+
+    python docs/scripts/lecun1998_rate_search.py --data-dir ../shared/mnist --out RUNS [--jobs 2]
+    python docs/scripts/lecun1998_rate_search.py --out RUNS --table-only   # the table of finished runs
+
+Each run takes 1.5-3 minutes on one core of the development machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BASE = ["--model", "lenet5-1998", "--optimizer", "sdlm", "--mu", "0.02", "--hessian-samples", "500",
+        "--batch-size", "1", "--epochs", "20", "--val-split", "10000", "--threads", "1", "--device", "cpu",
+        "--precision", "fp32", "--quiet"]
+PAPER = "--schedule lecun1998"  # the paper's shape, scaled so that its first rate is --lr
+CAPPED = "--schedule lecun1998-capped"  # the paper's rates, none above --lr
+
+# name: (options, seeds)
+CANDIDATES = {
+    "shape x 1/50 (the recipe until now)": (f"{PAPER} --lr 1e-5", range(5)),
+    "shape x 1/25": (f"{PAPER} --lr 2e-5", range(1)),
+    "shape x 1/10": (f"{PAPER} --lr 5e-5", range(1)),
+    "shape x 1/5": (f"{PAPER} --lr 1e-4", range(1)),
+    "shape x 1/100": (f"{PAPER} --lr 5e-6", range(1)),
+    "shape x 1/5, mu 0.2": (f"{PAPER} --lr 1e-4 --mu 0.2", range(1)),
+    "shape x 1/500, mu 0.002": (f"{PAPER} --lr 1e-6 --mu 0.002", range(1)),
+    "paper's rates capped at 1e-5": (f"{CAPPED} --lr 1e-5", range(5)),
+    "paper's rates capped at 2e-5": (f"{CAPPED} --lr 2e-5", range(3)),
+    "shape x 1/50, distortions": (f"{PAPER} --lr 1e-5 --distort", range(4)),
+    "paper's rates capped at 1e-5, distortions": (f"{CAPPED} --lr 1e-5 --distort", range(4)),
+    "paper's rates capped at 2e-5, distortions": (f"{CAPPED} --lr 2e-5 --distort", range(2)),
+}
+
+
+def folder(name: str, seed: int) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"{slug}-s{seed}"
+
+
+def train(out: Path, data_dir: str, name: str, options: str, seed: int) -> None:
+    if (out / folder(name, seed) / "metrics.json").exists():
+        return
+    command = [sys.executable, "-m", "lenet5", "train", *BASE, *options.split(), "--seed", str(seed),
+               "--data-dir", data_dir, "--offline", "--out-dir", str(out), "--name", folder(name, seed)]
+    subprocess.run(command, check=True)
+
+
+def last(out: Path, name: str, seed: int) -> dict[str, float] | None:
+    path = out / folder(name, seed) / "history.csv"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(path.open()))
+    if len(rows) < 20:
+        return None
+    return {k: float(v) for k, v in rows[-1].items() if v}
+
+
+def table(out: Path) -> str:
+    lines = ["| candidate | seeds | validation acc, last pass (chooses) | test error, last pass (record only) | "
+             "training error while training, last pass |", "|---|---:|---:|---:|---:|"]
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f}%" + (f" +- {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+    for name, (options, seeds) in CANDIDATES.items():
+        done = [r for r in (last(out, name, s) for s in seeds) if r]
+        if not done:
+            continue
+        val = [100 * r["val_acc"] for r in done]
+        test = [100 * (1 - r["test_acc"]) for r in done]
+        train_err = [100 * (1 - r["train_acc"]) for r in done]
+        lines.append(f"| {name} (`{options}`) | {len(done)} | {spread(val)} | {spread(test)} | {spread(train_err)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder of the run folders")
+    parser.add_argument("--data-dir", default="../shared/mnist")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
+    args = parser.parse_args()
+    if not args.table_only:
+        todo = [(name, options, s) for name, (options, seeds) in CANDIDATES.items() for s in seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: train(args.out, args.data_dir, *job), todo))
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
