@@ -15,7 +15,7 @@ from lenet5.data.distort import DistortionRanges, random_affine
 from lenet5.data.transforms import to_model_input
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
-from lenet5.reproduce import lecun1998_config, reproduce_lecun1998
+from lenet5.reproduce import ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config, reproduce_lecun1998
 from lenet5.train import TrainConfig, fit
 from lenet5.train.optim import lr_multiplier
 from lenet5.train.sdlm import SDLM, diagonal_hessian
@@ -150,6 +150,14 @@ def test_sdlm_training_learns(mnist, tmp_path):
     config.train_samples, config.test_samples = 10_000, 1_000
     result = fit(config, mnist, tmp_path / "run")
     assert result.history[0]["test_acc"] > 0.90
+
+
+def test_the_per_pattern_cap_is_too_large_for_batches_of_16(mnist, tmp_path):
+    """Why the mini-batch variant keeps a cap of 1e-5: 16 x 2e-5 per update saturates F6 in its first pass."""
+    config = dataclasses.replace(lecun1998_config(batch_size=16, epochs=1), lr=16 * ETA_PER_SAMPLE,
+                                 train_samples=10_000, test_samples=1_000)
+    assert ETA_PER_SAMPLE == 2 * ETA_PER_SAMPLE_BATCHED
+    assert fit(config, mnist, tmp_path / "run").history[0]["test_acc"] < 0.5
 
 
 def test_distortions_keep_the_digit_in_the_frame(mnist):

@@ -38,10 +38,10 @@ CANDIDATES = {
     "shape x 1/5, mu 0.2": (f"{PAPER} --lr 1e-4 --mu 0.2", range(1)),
     "shape x 1/500, mu 0.002": (f"{PAPER} --lr 1e-6 --mu 0.002", range(1)),
     "paper's rates capped at 1e-5": (f"{CAPPED} --lr 1e-5", range(5)),
-    "paper's rates capped at 2e-5": (f"{CAPPED} --lr 2e-5", range(3)),
+    "paper's rates capped at 2e-5": (f"{CAPPED} --lr 2e-5", range(5)),
     "shape x 1/50, distortions": (f"{PAPER} --lr 1e-5 --distort", range(4)),
     "paper's rates capped at 1e-5, distortions": (f"{CAPPED} --lr 1e-5 --distort", range(4)),
-    "paper's rates capped at 2e-5, distortions": (f"{CAPPED} --lr 2e-5 --distort", range(2)),
+    "paper's rates capped at 2e-5, distortions": (f"{CAPPED} --lr 2e-5 --distort", range(4)),
 }
 
 
