@@ -157,6 +157,9 @@ def test_the_per_pattern_cap_is_too_large_for_batches_of_16(mnist, tmp_path):
     config = dataclasses.replace(lecun1998_config(batch_size=16, epochs=1), lr=16 * ETA_PER_SAMPLE,
                                  train_samples=10_000, test_samples=1_000)
     assert ETA_PER_SAMPLE == 2 * ETA_PER_SAMPLE_BATCHED
+    per_pattern, batched = lecun1998_config(), lecun1998_config(batch_size=16)
+    assert (per_pattern.lr, per_pattern.schedule) == (ETA_PER_SAMPLE, "lecun1998-capped")
+    assert (batched.lr, batched.schedule) == (16 * ETA_PER_SAMPLE_BATCHED, "lecun1998")
     assert fit(config, mnist, tmp_path / "run").history[0]["test_acc"] < 0.5
 
 
