@@ -147,3 +147,17 @@ def test_trains_on_the_pytorch_path_without_kernels(tmp_path, env):
     if "CXX" in env:
         assert "falling back to the PyTorch path" in done.stderr and "/nonexistent/c++" in done.stderr
     assert not (tmp_path / "lenet5" / "native").exists() or not any((tmp_path / "lenet5" / "native").rglob("*.so"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or "avx2" not in open("/proc/cpuinfo").read(),
+                    reason="needs an x86 CPU with AVX2")
+def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
+    """lenet5.hardware.EMULATE["avx2"] also narrows lenet5's own kernels to 8 floats per vector."""
+    from lenet5.hardware import EMULATE
+
+    code = ("import torch; from lenet5 import native; assert native.available(), native.why_unavailable(); "
+            "print(torch.ops.lenet5_native.vector_width())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **EMULATE["avx2"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "8"

@@ -10,7 +10,8 @@ When that is impossible (no compiler, a failed build, Windows) one warning is lo
 PyTorch path is used instead; it is also used wherever the kernel does not apply (not CPU
 fp32, autocast, tracing, export, torch.compile, torch.func transforms, other layer shapes).
 
-Environment: LENET5_NATIVE=0 forces the PyTorch path; CXX names the compiler (default c++).
+Environment: LENET5_NATIVE=0 forces the PyTorch path; CXX names the compiler (default c++);
+LENET5_NATIVE_MARCH builds for another CPU (a -march value, e.g. haswell for AVX2 only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from lenet5.native.build import BuildError, library
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error": why not; filled on first use
-_disabled = threading.local()  # set by `disabled()`, per thread
+_disabled = threading.local()
+# Builds the kernels for another CPU than this one (e.g. haswell: AVX2 only), as
+# lenet5.hardware.EMULATE does for an emulated class, so that their vector width follows it.
+MARCH_ENV = "LENET5_NATIVE_MARCH"  # set by `disabled()`, per thread
 
 
 def _ops():
@@ -45,7 +49,7 @@ def _ops():
             log.info("native kernels %s; using the PyTorch path", _state["error"])
             return None
         try:
-            torch.ops.load_library(str(library(_state.get("march", "native"))))
+            torch.ops.load_library(str(library(_state.get("march") or os.environ.get(MARCH_ENV) or "native")))
             _state["ops"] = torch.ops.lenet5_native
         except (BuildError, OSError, RuntimeError) as e:
             _state["error"] = str(e)

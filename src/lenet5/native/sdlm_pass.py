@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lenet5 import native
+from lenet5.native import MARCH_ENV
 from lenet5.native.build import BuildError, library
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _library() -> ctypes.CDLL | None:
             _state["error"] = "disabled by LENET5_NATIVE=0"
             return None
         try:
-            _state["lib"] = load(_state.get("march", "native"))  # type: ignore[arg-type]
+            _state["lib"] = load(_state.get("march") or os.environ.get(MARCH_ENV) or "native")  # type: ignore[arg-type]
         except (BuildError, OSError, AttributeError) as e:
             _state["error"] = str(e)
             log.warning("native per-pattern pass unavailable (%s); falling back to the PyTorch path", e)
