@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -161,3 +162,54 @@ def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
                          env={**os.environ, **EMULATE["avx2"]})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "8"
+
+
+def rmsprop_pair(weight_decay: float, **options):
+    from lenet5.train.optim import FusedRMSprop
+
+    torch.manual_seed(0)
+    shapes = [(32, 1, 3, 3), (64, 32, 3, 3), (128, 9216 // 64), (10,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ours[1] = ours[1].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    settings = dict(lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=weight_decay, foreach=True, **options)
+    return FusedRMSprop(ours, **settings), torch.optim.RMSprop(theirs, **settings), ours, theirs
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_fused_rmsprop_takes_pytorchs_steps(kernels, weight_decay):
+    fused, plain, ours, theirs = rmsprop_pair(weight_decay)
+    for step in range(3):
+        grads = [torch.randn_like(p) * 10 ** -step for p in ours]  # shrinking: the average remembers
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = g.clone(memory_format=torch.preserve_format)
+        before = [p.detach().clone() for p in theirs]
+        fused.step()
+        plain.step()
+        assert native.rmsprop_applies(ours, [p.grad for p in ours], [fused.state[p]["square_avg"] for p in ours])
+        for a, b, b0 in zip(ours, theirs, before):
+            # each step to float rounding: of its size, and of the weight it is added to (one ulp);
+            # the next step starts from PyTorch's weights
+            ulp = 2 * torch.finfo(torch.float32).eps * b0.abs().max().item()
+            torch.testing.assert_close(a - b0, b - b0, rtol=1e-5, atol=ulp)
+            a.data.copy_(b)
+        for a, b in zip(fused.state.values(), plain.state.values()):
+            torch.testing.assert_close(a["square_avg"], b["square_avg"], rtol=1e-6, atol=0)
+            assert a["step"] == b["step"] == step + 1
+    # the same state_dict: a run saved by one resumes in the other
+    plain.load_state_dict(fused.state_dict())
+    fused.load_state_dict(plain.state_dict())
+
+
+def test_fused_rmsprop_leaves_what_it_does_not_cover_to_pytorch(kernels):
+    for options, context in (({"momentum": 0.9}, contextlib.nullcontext()), ({}, native.disabled())):
+        fused, plain, ours, theirs = rmsprop_pair(0.0, **options)
+        for p, q in zip(ours, theirs):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        with context:
+            fused.step()
+        plain.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)  # RMSprop's own step, bit for bit

@@ -1,4 +1,5 @@
-"""Fused native CPU kernels for LeNet-5's small convolutions: conv + tanh + 2x2 average pooling.
+"""Fused native CPU kernels: LeNet-5's small convolutions (conv + tanh + 2x2 average pooling), and
+RMSprop's update in one pass (the blog post's optimizer).
 
 oneDNN runs LeNet-5's 1->6 and 6->16 channel 5x5 convolutions at a fraction of the CPU's fp32
 peak, and tanh and pooling each add a pass over memory. `conv_tanh_pool` does all three in one
@@ -129,3 +130,26 @@ def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # Inside Function.forward grad mode is off, so whether to keep what backward needs is decided here.
     save = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad)
     return _ConvTanhPool.apply(x, conv.weight, conv.bias, conv.padding[0], save)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def rmsprop_applies(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor]) -> bool:
+    """Whether `rmsprop_step` can update these tensors: CPU float32, each parameter, gradient and
+    average in one dense layout, no autograd or tracing watching; and the kernels loaded."""
+    if getattr(_disabled, "on", False) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    for p, g, s in zip(params, grads, square_avgs, strict=True):
+        if p.device.type != "cpu" or not (p.dtype == g.dtype == s.dtype == torch.float32) or g.is_sparse \
+                or not (p.stride() == g.stride() == s.stride()) or not _dense(p):
+            return False
+    return available()
+
+
+def rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor], *,
+                 lr: float, alpha: float, eps: float, weight_decay: float) -> None:
+    """PyTorch's RMSprop update (no momentum, not centred) in one pass per tensor, in place; the
+    caller checks `rmsprop_applies` first."""
+    _ops().rmsprop_step(params, grads, square_avgs, lr, alpha, eps, weight_decay)

@@ -64,7 +64,7 @@ def _include_dirs(exact: bool) -> list[str]:
 
 def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True,
              exact: bool = True) -> list[str]:
-    base = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+    base = [cxx, "-O3", f"-march={march}", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w"]
     if not torch_ops:
         return [*base, str(source), "-o", str(output)]
     torch_lib = str(Path(torch.__file__).parent / "lib")

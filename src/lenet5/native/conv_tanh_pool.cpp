@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -304,10 +305,45 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsav
   return {gin, gw, gb};
 }
 
+// RMSprop's update as PyTorch's (no momentum, not centred) computes it,
+//   g += wd p;  s = alpha s + (1 - alpha) g^2;  p -= lr g / (sqrt(s) + eps),
+// in one pass over each tensor where torch.optim.RMSprop makes five (mul, addcmul, sqrt, add,
+// addcdiv), each reading and writing the whole tensor: for keras-lenet's 1.25M parameters that
+// was a fifth of a training step at batch 32. The caller checks that every tensor is float32
+// and that a parameter, its gradient and its average share one dense layout.
+void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, double lr, double alpha,
+                  double eps, double weight_decay) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == square_avgs.size(), "rmsprop_step: list lengths differ");
+  const float a = float(alpha), b = float(1 - alpha), e = float(eps), l = float(lr), wd = float(weight_decay);
+  for (size_t t = 0; t < params.size(); ++t) {
+    float* __restrict p = params[t].data_ptr<float>();
+    const float* __restrict g = grads[t].data_ptr<float>();
+    float* __restrict s = square_avgs[t].data_ptr<float>();
+    at::parallel_for(0, params[t].numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      if (wd != 0.0f) {
+        for (int64_t i = begin; i < end; ++i) {
+          const float gi = g[i] + wd * p[i];
+          const float si = s[i] * a + b * gi * gi;
+          s[i] = si;
+          p[i] -= l * (gi / (std::sqrt(si) + e));
+        }
+      } else {
+        for (int64_t i = begin; i < end; ++i) {
+          const float gi = g[i];
+          const float si = s[i] * a + b * gi * gi;
+          s[i] = si;
+          p[i] -= l * (gi / (std::sqrt(si) + e));
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lenet5_native, m) {
   m.def("conv_tanh_pool_forward", &forward);
   m.def("conv_tanh_pool_backward", &backward);
+  m.def("rmsprop_step", &rmsprop_step);
   m.def("vector_width", [] { return int64_t(V); });
 }

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lenet5 import native
 from lenet5.train.config import TrainConfig
 from lenet5.train.sdlm import SDLM
 
@@ -23,10 +24,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
     lr, wd = config.lr, config.weight_decay
     params = list(params)
     # Speed: Adam, AdamW and SGD take the fused kernels (one pass over each tensor per step, on CPU
-    # and GPU); RMSprop has none in PyTorch and takes foreach (one launch per op for all tensors).
+    # and GPU); RMSprop has none in PyTorch: lenet5's native pass on CPU, else foreach (one launch
+    # per op for all tensors).
     if config.optimizer == "rmsprop":
         # Keras' RMSprop: rho=0.9, eps=1e-7 added outside the square root, as in PyTorch.
-        return torch.optim.RMSprop(params, lr=lr, alpha=config.rho, eps=config.eps, weight_decay=wd, foreach=True)
+        return FusedRMSprop(params, lr=lr, alpha=config.rho, eps=config.eps, weight_decay=wd, foreach=True)
     if config.optimizer == "sgd":
         return _fused(torch.optim.SGD, params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
                       weight_decay=wd)
@@ -37,6 +39,37 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
     if config.optimizer == "sdlm":
         return SDLM(params, lr=lr, mu=config.mu)
     raise AssertionError(config.optimizer)  # TrainConfig.validate() rejects anything else
+
+
+class FusedRMSprop(torch.optim.RMSprop):
+    """torch.optim.RMSprop whose step is one native pass over each tensor on CPU (lenet5.native),
+    where PyTorch makes five: the same update, state and state_dict, to float rounding. Anything the
+    pass does not cover (momentum, centring, maximize, a closure, GPU tensors, no compiler) takes
+    RMSprop's own step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or any(g["momentum"] or g["centered"] or g["maximize"] or g["differentiable"]
+                                      or g["capturable"] for g in self.param_groups):
+            return super().step(closure)
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:  # as RMSprop initialises it
+                    self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                    self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
+            averages = [self.state[p]["square_avg"] for p in params]
+            if not native.rmsprop_applies(params, grads, averages):
+                return super().step()
+            groups.append((group, params, grads, averages))
+        for group, params, grads, averages in groups:
+            native.rmsprop_step(params, grads, averages, lr=float(group["lr"]), alpha=group["alpha"],
+                                eps=group["eps"], weight_decay=group["weight_decay"])
+            for p in params:
+                self.state[p]["step"] += 1
+        return None
 
 
 def _fused(kind: type[torch.optim.Optimizer], params: list[torch.nn.Parameter], **options) -> torch.optim.Optimizer:
