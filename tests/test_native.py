@@ -202,14 +202,68 @@ def test_fused_rmsprop_takes_pytorchs_steps(kernels, weight_decay):
     fused.load_state_dict(plain.state_dict())
 
 
-def test_fused_rmsprop_leaves_what_it_does_not_cover_to_pytorch(kernels):
-    for options, context in (({"momentum": 0.9}, contextlib.nullcontext()), ({}, native.disabled())):
-        fused, plain, ours, theirs = rmsprop_pair(0.0, **options)
-        for p, q in zip(ours, theirs):
-            p.grad = torch.ones_like(p)
-            q.grad = torch.ones_like(q)
-        with context:
-            fused.step()
-        plain.step()
-        for a, b in zip(ours, theirs):
-            assert torch.equal(a, b)  # RMSprop's own step, bit for bit
+def test_fused_rmsprop_leaves_what_it_does_not_cover_to_pytorch(kernels, monkeypatch):
+    calls = []
+    original = native.rmsprop_step
+    monkeypatch.setattr(native, "rmsprop_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    hooks = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(lambda *_: hooks.append(1))
+    try:
+        for options, context, native_calls in (({"momentum": 0.9}, contextlib.nullcontext(), 0),
+                                               ({}, native.disabled(), 0), ({}, contextlib.nullcontext(), 1)):
+            calls.clear()
+            hooks.clear()
+            fused, plain, ours, theirs = rmsprop_pair(0.0, **options)
+            for p, q in zip(ours, theirs):
+                p.grad = torch.ones_like(p)
+                q.grad = torch.ones_like(q)
+            with context:
+                fused.step()
+            assert len(calls) == native_calls and len(hooks) == 1  # the step hooks run once either way
+            plain.step()
+            for a, b in zip(ours, theirs):
+                if native_calls:
+                    assert_close(a, b)
+                else:
+                    assert torch.equal(a, b)  # RMSprop's own step, bit for bit
+            assert [s["step"].dtype for s in fused.state.values()] == [s["step"].dtype for s in plain.state.values()]
+    finally:
+        handle.remove()
+
+
+def test_fused_rmsprop_state_loads_both_ways(kernels):
+    fused, plain, ours, theirs = rmsprop_pair(1e-4)
+    for params in (ours, theirs):
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+    fused.step()
+    plain.step()
+    saved_fused, saved_plain = copy.deepcopy(fused.state_dict()), copy.deepcopy(plain.state_dict())
+    fused.load_state_dict(saved_plain)
+    plain.load_state_dict(saved_fused)
+    for mine, theirs_state in ((fused.state_dict(), saved_plain), (plain.state_dict(), saved_fused)):
+        assert mine["param_groups"] == theirs_state["param_groups"]
+        for k, state in mine["state"].items():
+            assert state["step"].dtype == theirs_state["state"][k]["step"].dtype and state["step"] == 1
+            torch.testing.assert_close(state["square_avg"], theirs_state["state"][k]["square_avg"], rtol=1e-6, atol=0)
+
+
+def test_the_rmsprop_kernel_refuses_tensors_that_do_not_match(kernels):
+    p, g, s = torch.zeros(4), torch.ones(4), torch.zeros(2)  # an average of the wrong size (a bad checkpoint)
+    assert not native.rmsprop_applies([p], [g], [s])
+    with pytest.raises(RuntimeError, match="share one dense layout"):
+        torch.ops.lenet5_native.rmsprop_step([p], [g], [s], 1e-3, 0.9, 1e-7, 0.0)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.lenet5_native.rmsprop_step([p], [p], [torch.zeros(4)], 1e-3, 0.9, 1e-7, 0.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lenet5_native.rmsprop_step([p.double()], [g.double()], [torch.zeros(4).double()], 1e-3, 0.9, 1e-7, 0.0)
+
+
+def test_the_cache_key_sees_the_include_paths_the_build_uses():
+    """The key is made without importing cpp_extension; it must name the folders a build passes."""
+    from lenet5.native import build
+
+    assert build._include_dirs(exact=False) == build._include_dirs(exact=True)
+

@@ -32,10 +32,10 @@ from lenet5.native.build import BuildError, library
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once loaded, or "error": why not; filled on first use
-_disabled = threading.local()
+_disabled = threading.local()  # set by `disabled()`, per thread
 # Builds the kernels for another CPU than this one (e.g. haswell: AVX2 only), as
 # lenet5.hardware.EMULATE does for an emulated class, so that their vector width follows it.
-MARCH_ENV = "LENET5_NATIVE_MARCH"  # set by `disabled()`, per thread
+MARCH_ENV = "LENET5_NATIVE_MARCH"
 
 
 def _ops():
@@ -143,7 +143,8 @@ def rmsprop_applies(params: list[torch.Tensor], grads: list[torch.Tensor], squar
         return False
     for p, g, s in zip(params, grads, square_avgs, strict=True):
         if p.device.type != "cpu" or not (p.dtype == g.dtype == s.dtype == torch.float32) or g.is_sparse \
-                or not (p.stride() == g.stride() == s.stride()) or not _dense(p):
+                or not (p.shape == g.shape == s.shape) or not (p.stride() == g.stride() == s.stride()) \
+                or not _dense(p) or g.device != p.device or s.device != p.device:
             return False
     return available()
 

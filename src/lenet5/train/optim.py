@@ -51,18 +51,18 @@ class FusedRMSprop(torch.optim.RMSprop):
     def step(self, closure=None):
         if closure is not None or any(g["momentum"] or g["centered"] or g["maximize"] or g["differentiable"]
                                       or g["capturable"] for g in self.param_groups):
-            return super().step(closure)
+            return self._pytorch_step(closure)
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if not self.state[p]:  # as RMSprop initialises it
-                    self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                if not self.state[p]:  # as RMSprop initialises it (no momentum, not centred)
+                    self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
                     self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grads = [p.grad for p in params]
             averages = [self.state[p]["square_avg"] for p in params]
             if not native.rmsprop_applies(params, grads, averages):
-                return super().step()
+                return self._pytorch_step()
             groups.append((group, params, grads, averages))
         for group, params, grads, averages in groups:
             native.rmsprop_step(params, grads, averages, lr=float(group["lr"]), alpha=group["alpha"],
@@ -70,6 +70,24 @@ class FusedRMSprop(torch.optim.RMSprop):
             for p in params:
                 self.state[p]["step"] += 1
         return None
+
+    def _pytorch_step(self, closure=None):
+        """RMSprop's own step, without running the step hooks again: torch wraps each optimizer class's
+        step in the hook runner once an instance exists, this class's and RMSprop's alike."""
+        step = torch.optim.RMSprop.step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step(self, closure)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps a step count in (float32, or float64 under a float64 default)."""
+    try:
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        return _get_scalar_dtype()
+    except ImportError:
+        return torch.float32
 
 
 def _fused(kind: type[torch.optim.Optimizer], params: list[torch.nn.Parameter], **options) -> torch.optim.Optimizer:
