@@ -33,15 +33,104 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -
         return _fused(torch.optim.SGD, params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
                       weight_decay=wd)
     if config.optimizer == "adam":
-        return _fused(torch.optim.Adam, params, lr=lr, eps=config.eps, weight_decay=wd)
+        return _fused(FusedAdam, params, lr=lr, eps=config.eps, weight_decay=wd)
     if config.optimizer == "adamw":
-        return _fused(torch.optim.AdamW, params, lr=lr, eps=config.eps, weight_decay=wd)
+        return _fused(FusedAdamW, params, lr=lr, eps=config.eps, weight_decay=wd)
     if config.optimizer == "sdlm":
         return SDLM(params, lr=lr, mu=config.mu)
     raise AssertionError(config.optimizer)  # TrainConfig.validate() rejects anything else
 
 
-class FusedRMSprop(torch.optim.RMSprop):
+def _unwrapped(method: Callable) -> Callable:
+    """The function a torch.optim decorator wraps (functools.wraps keeps it), or `method` itself."""
+    return getattr(method, "__wrapped__", method)
+
+
+class _Eager:
+    """torch.optim.Optimizer's methods without `torch._disable_dynamo`, for optimizers that only run
+    eagerly (lenet5 compiles the forward pass at most, never the optimizer).
+
+    torch wraps add_param_group (called by every constructor), zero_grad, state_dict and
+    load_state_dict in a decorator whose first call imports torch._dynamo: 1.3-1.7 s of a
+    process's start on 2 cores, for a training run that never uses it. Each method here is the
+    one torch wraps, called directly; where a torch version keeps no `__wrapped__`, the wrapper
+    itself runs, as before.
+    """
+
+    def add_param_group(self, param_group: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return _unwrapped(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def _pytorch_step(self, closure=None):
+        """The torch class's own step, without running the step hooks again: torch wraps each
+        optimizer class's step in the hook runner once an instance exists, this class's and its
+        torch base's alike."""
+        base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.optim"))
+        step = base.step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step(self, closure)
+
+
+class _FusedAdamStep(_Eager):
+    """Adam's and AdamW's fused step, made here: the same ATen kernel (`torch._fused_adam_`,
+    `torch._fused_adamw_`) on the same state as torch.optim.Adam(fused=True), so results and
+    checkpoints are interchangeable with it, without the step's dynamo wrappers (see `_Eager`).
+    Anything else (no fused kernel, amsgrad, maximize, capturable, a tensor lr, a closure, sparse
+    or complex gradients, mixed devices or dtypes in a group) takes torch's own step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        kernel = getattr(torch, "_fused_adamw_" if self._decoupled() else "_fused_adam_", None)
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if (kernel is None or closure is not None or not group.get("fused") or group["amsgrad"]
+                    or group["maximize"] or group["differentiable"] or group["capturable"]
+                    or isinstance(group["lr"], torch.Tensor) or isinstance(group["betas"][0], torch.Tensor)
+                    or len({(p.device, p.dtype) for p in params}) > 1
+                    or any(p.grad.is_sparse or p.is_complex() for p in params)):
+                return self._pytorch_step(closure)
+            groups.append((group, params))
+        for group, params in groups:
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:  # as Adam initialises it when fused
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            kernel(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                   [self.state[p]["exp_avg_sq"] for p in params], [], steps, amsgrad=False, lr=float(group["lr"]),
+                   beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                   eps=float(group["eps"]), maximize=False, grad_scale=None, found_inf=None)
+        return None
+
+    def _decoupled(self) -> bool:
+        return isinstance(self, torch.optim.AdamW) or any(g.get("decoupled_weight_decay") for g in self.param_groups)
+
+
+class FusedAdam(_FusedAdamStep, torch.optim.Adam):
+    """torch.optim.Adam(fused=True), stepped without torch._dynamo (`_FusedAdamStep`)."""
+
+
+class FusedAdamW(_FusedAdamStep, torch.optim.AdamW):
+    """torch.optim.AdamW(fused=True), stepped without torch._dynamo (`_FusedAdamStep`)."""
+
+
+class FusedRMSprop(_Eager, torch.optim.RMSprop):
     """torch.optim.RMSprop whose step is one native pass over each tensor on CPU (lenet5.native),
     where PyTorch makes five: the same update, state and state_dict, to float rounding. Anything the
     pass does not cover (momentum, centring, maximize, a closure, GPU tensors, no compiler) takes
@@ -70,15 +159,6 @@ class FusedRMSprop(torch.optim.RMSprop):
             for p in params:
                 self.state[p]["step"] += 1
         return None
-
-    def _pytorch_step(self, closure=None):
-        """RMSprop's own step, without running the step hooks again: torch wraps each optimizer class's
-        step in the hook runner once an instance exists, this class's and RMSprop's alike."""
-        step = torch.optim.RMSprop.step
-        if getattr(step, "hooked", False):
-            step = step.__wrapped__
-        return step(self, closure)
-
 
 def _scalar_dtype() -> torch.dtype:
     """The dtype torch.optim keeps a step count in (float32, or float64 under a float64 default)."""

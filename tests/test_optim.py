@@ -1,0 +1,120 @@
+"""lenet5's Adam and AdamW: torch's fused kernel stepped without torch._dynamo, interchangeable with torch's."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lenet5.train.optim import FusedAdam, FusedAdamW
+
+
+def adam_pair(kind: str, **options):
+    torch.manual_seed(0)
+    shapes = [(20, 1, 5, 5), (50, 20, 5, 5), (500, 2450), (10,)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ours[1] = ours[1].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    theirs = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_() for p in ours]
+    mine, torchs = (FusedAdam, torch.optim.Adam) if kind == "adam" else (FusedAdamW, torch.optim.AdamW)
+    settings = dict(lr=6e-3, eps=1e-7, fused=True, **options)
+    return mine(ours, **settings), torchs(theirs, **settings), ours, theirs
+
+
+def give_gradients(step: int, *param_lists) -> None:
+    grads = [torch.randn_like(p) * 10 ** -step for p in param_lists[0]]
+    for params in param_lists:
+        for p, g in zip(params, grads):
+            p.grad = g.clone(memory_format=torch.preserve_format)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_fused_adam_takes_torchs_steps_bit_for_bit(kind, weight_decay):
+    ours_opt, theirs_opt, ours, theirs = adam_pair(kind, weight_decay=weight_decay)
+    for step in range(4):
+        if step == 2:  # a scheduler's change of the rate between steps
+            for opt in (ours_opt, theirs_opt):
+                opt.param_groups[0]["lr"] *= 0.5
+        give_gradients(step, ours, theirs)
+        ours_opt.step()
+        theirs_opt.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b) and a.stride() == b.stride()
+        for a, b in zip(ours_opt.state.values(), theirs_opt.state.values()):
+            assert a.keys() == b.keys() and a["step"].dtype == b["step"].dtype and a["step"] == step + 1
+            assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert any(not torch.equal(p, q) for p, q in zip(ours, adam_pair(kind)[2]))  # the steps did move the weights
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_fused_adam_state_loads_both_ways(kind):
+    ours_opt, theirs_opt, ours, theirs = adam_pair(kind, weight_decay=1e-4)
+    give_gradients(0, ours, theirs)
+    ours_opt.step()
+    theirs_opt.step()
+    saved_ours, saved_theirs = copy.deepcopy(ours_opt.state_dict()), copy.deepcopy(theirs_opt.state_dict())
+    assert saved_ours["param_groups"] == saved_theirs["param_groups"]
+    ours_opt.load_state_dict(saved_theirs)
+    theirs_opt.load_state_dict(saved_ours)
+    give_gradients(1, ours, theirs)  # a resumed run goes on the same in either
+    ours_opt.step()
+    theirs_opt.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_what_the_fused_step_does_not_cover_takes_torchs_step_and_the_hooks_run_once():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hooks = []
+    handle = register_optimizer_step_pre_hook(lambda *_: hooks.append(1))
+    try:
+        for options in ({"amsgrad": True}, {"maximize": True}):
+            ours_opt, theirs_opt, ours, theirs = adam_pair("adam", **options)
+            hooks.clear()
+            give_gradients(0, ours, theirs)
+            ours_opt.step()
+            assert len(hooks) == 1
+            theirs_opt.step()
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a, b)
+            assert ours_opt.state_dict()["state"].keys() == theirs_opt.state_dict()["state"].keys()
+        closure_calls = []
+        ours_opt, _, ours, _ = adam_pair("adam")
+
+        def closure():
+            closure_calls.append(1)
+            ours_opt.zero_grad()
+            loss = sum((p ** 2).sum() for p in ours)
+            loss.backward()
+            return loss
+
+        assert ours_opt.step(closure) is not None and closure_calls == [1]
+    finally:
+        handle.remove()
+
+
+def test_a_training_run_never_imports_torch_dynamo(mnist_dir, tmp_path):
+    """torch.optim's wrappers import torch._dynamo on first use (1.3-1.7 s of every run's start on 2
+    cores); lenet5's optimizers and the rest of a run, checkpoints and resume included, do without."""
+    code = f"""
+import sys
+from lenet5.data import load_mnist
+from lenet5.train import TrainConfig, fit
+mnist = load_mnist({str(mnist_dir)!r}, download=False)
+for optimizer in ("adam", "adamw", "rmsprop"):
+    config = TrainConfig(model="slim-lenet", optimizer=optimizer, batch_size=128, epochs=1, train_samples=512,
+                         test_samples=256, schedule="onecycle", ema=0.99 if optimizer == "adamw" else 0.0)
+    fit(config, mnist, {str(tmp_path)!r} + "/" + optimizer)
+    fit(TrainConfig.from_dict({{**config.to_dict(), "epochs": 2}}), mnist, {str(tmp_path)!r} + "/" + optimizer,
+        resume=True)
+print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
