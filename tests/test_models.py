@@ -15,6 +15,7 @@ EXPECTED_PARAMETERS = {
     "lenet5-1998": 60_000,  # the paper, section II.B
     "lenet5-modern": 56_042,  # within the paper's 60,000
     "slim-lenet": 21_258,
+    "slim-lenet-valid": 18_378,
     "robust-lenet": 82_258,
 }
 

@@ -5,8 +5,8 @@ test accuracy soonest, and at what cost per step relative to keras-lenet on this
         relu-16-32-h64:1e-2:128:1:3 tanh-16-32-h64:6e-3:128:1:3 ... > docs/results/fast-recipes/accuracy.jsonl
     python docs/scripts/fast_recipe_search.py cost [--cpu-class avx2]   # ms per training step, batch 128
 
-A candidate is `KIND-C1-C2[-hH]`: conv C1@5x5 (padded), pool, conv C2@5x5 (unpadded), pool,
-[dense H,] dense 10; KIND `relu` (ReLU, max pooling, as keras-lenet) or `tanh` (tanh, average
+A candidate is `KIND-C1-C2[-hH][-valid]`: conv C1@5x5 (padded, or unpadded with `-valid`), pool,
+conv C2@5x5 (unpadded), pool, [dense H,] dense 10; KIND `relu` (ReLU, max pooling, as keras-lenet) or `tanh` (tanh, average
 pooling, as the classic lenet5). A spec is `CANDIDATE:LR:BATCH:EPOCHS:SEEDS` (Adam, one-cycle
 with 20% warm-up, fp32). Registered models (`slim-lenet`, `lenet5`, `keras-lenet`) work too.
 Accuracy does not depend on the machine's load; the cost ratios are measured interleaved.
@@ -36,21 +36,23 @@ from torch import nn  # noqa: E402
 
 from lenet5.models import create_model, list_models, register_model  # noqa: E402
 from lenet5.models.layers import Tanh  # noqa: E402
+from lenet5.runtime import flush_denormals  # noqa: E402
 from lenet5.models.registry import DigitClassifier  # noqa: E402
 
 
 def candidate(name: str) -> None:
-    """Register `name` (KIND-C1-C2[-hH]) as a model unless it is one already."""
+    """Register `name` (KIND-C1-C2[-hH][-valid]) as a model unless it is one already."""
     if name in list_models():
         return
     kind, c1, c2, *rest = name.split("-")
-    hidden = int(rest[0][1:]) if rest else 0
+    padding = 0 if "valid" in rest else 2
+    hidden = next((int(r[1:]) for r in rest if r.startswith("h")), 0)
     act, pool = (nn.ReLU, nn.MaxPool2d) if kind == "relu" else (Tanh, nn.AvgPool2d)
 
     class Candidate(DigitClassifier):
         def __init__(self, num_classes: int = 10):
             super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(1, int(c1), 5, padding=2), act(), pool(2),
+            self.features = nn.Sequential(nn.Conv2d(1, int(c1), 5, padding=padding), act(), pool(2),
                                           nn.Conv2d(int(c1), int(c2), 5), act(), pool(2), nn.Flatten())
             flat = self.features(torch.zeros(1, 1, 28, 28)).shape[1]
             head = [nn.Linear(flat, hidden), act(), nn.Linear(hidden, num_classes)] if hidden else [nn.Linear(flat, num_classes)]
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="emulate a lesser CPU (cost)")
     args = parser.parse_intermixed_args()
+    flush_denormals()  # as `lenet5 train` does: denormals would make some steps many times slower
     if args.what == "accuracy":
         accuracy(args.items, args.data_dir)
     else:
