@@ -164,6 +164,21 @@ def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
     assert out.stdout.strip() == "8"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernels share torch's OpenMP threads on Linux")
+def test_the_kernels_run_on_torchs_threads_with_one_openmp_runtime(kernels):
+    """Built without -fopenmp, at::parallel_for is a plain loop: the kernels ran on one thread
+    whatever the thread count (they did, until the build passed it)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            assert torch.ops.lenet5_native.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line or "libomp" in line}
+    assert len(runtimes) == 1, runtimes  # torch's libgomp, not a second pool beside it
+
+
 def rmsprop_pair(weight_decay: float, **options):
     from lenet5.train.optim import FusedRMSprop
 

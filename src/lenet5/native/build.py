@@ -62,11 +62,36 @@ def _include_dirs(exact: bool) -> list[str]:
     return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
 
 
+def openmp_flags(cxx: str) -> list[str]:
+    """`-fopenmp` where the kernels then run on torch's own OpenMP threads, else nothing.
+
+    at::parallel_for is a header template: built without OpenMP, it is a plain loop, and the
+    kernels ran on one thread whatever torch's thread count (until this flag, they did). With
+    GCC's -fopenmp the library needs libgomp.so.1, and the loader binds that to the libgomp torch
+    has already loaded (the same soname; torch's rpath finds it too): one runtime, one thread
+    pool, and torch.set_num_threads counts for the kernels as for ATen's own. So only where torch
+    runs on GNU libgomp (Linux CPU builds) and the compiler is GCC: clang's -fopenmp would bring
+    LLVM's runtime as a second pool.
+    """
+    if sys.platform != "linux" or not torch._C.has_openmp:
+        return []
+    if "clang" in Path(os.path.realpath(shutil.which(cxx) or cxx)).name:
+        return []
+    try:
+        with open("/proc/self/maps") as maps:
+            if not any("libgomp" in line for line in maps):
+                return []
+    except OSError:
+        return []
+    return ["-fopenmp"]
+
+
 def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True,
-             exact: bool = True) -> list[str]:
+             exact: bool = True, openmp: list[str] = ()) -> list[str]:
     base = [cxx, "-O3", f"-march={march}", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w"]
     if not torch_ops:
         return [*base, str(source), "-o", str(output)]
+    base += list(openmp)
     torch_lib = str(Path(torch.__file__).parent / "lib")
     return [*base, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *[f"-I{p}" for p in _include_dirs(exact)],
@@ -80,8 +105,9 @@ def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True
     if sys.platform == "win32":
         raise BuildError("native kernels are built on Linux and macOS only")
     cxx = compiler()
-    key_parts = [source.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(),
-                 _cpu_flags().encode(), " ".join(_command("CXX", march, Path("out"), source, torch_ops, exact=False)).encode()]
+    openmp = openmp_flags(cxx) if torch_ops else []
+    key_parts = [source.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(), _cpu_flags().encode(),
+                 " ".join(_command("CXX", march, Path("out"), source, torch_ops, exact=False, openmp=openmp)).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     name = "lenet5_native.so" if source == SOURCE else f"lenet5_{source.stem}.so"
     target = Path(user_cache_dir("lenet5")) / "native" / key / name
@@ -90,7 +116,8 @@ def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     try:
-        done = subprocess.run(_command(cxx, march, partial, source, torch_ops), capture_output=True, text=True)
+        done = subprocess.run(_command(cxx, march, partial, source, torch_ops, openmp=openmp), capture_output=True,
+                              text=True)
     except OSError as e:
         raise BuildError(f"{cxx} could not run: {e}") from None
     if done.returncode != 0:

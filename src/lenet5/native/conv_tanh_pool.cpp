@@ -7,8 +7,9 @@
 // full vector times one broadcast weight, for any channel count and image size, with no
 // border or remainder code inside the hot loops. Output tiles of NO channels x NX columns
 // stay in registers (NO*NX accumulators: 24 of the 32 AVX-512 registers, 12 of 16 with AVX2).
-// Batches are split into blocks over PyTorch's own thread pool (at::parallel_for), so no
-// second OpenMP runtime competes for the cores.
+// Batches are split into blocks over PyTorch's own thread pool (at::parallel_for, built with
+// -fopenmp against torch's libgomp: see lenet5.native.build), so no second runtime competes
+// for the cores.
 // The vector code is GCC/Clang vector extensions: -march picks the width, and the same
 // source builds (slower) for any target.
 #include <ATen/Parallel.h>
@@ -344,6 +345,15 @@ void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList sq
   }
 }
 
+// The number of chunks at::parallel_for splits a loop of torch's thread count into: the threads the
+// kernels above run on. 1 where the library was built without OpenMP (at::parallel_for is then a
+// plain loop, whatever torch.set_num_threads says); lenet5.native.build makes sure it is not.
+int64_t parallel_threads() {
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lenet5_native, m) {
@@ -351,4 +361,5 @@ TORCH_LIBRARY(lenet5_native, m) {
   m.def("conv_tanh_pool_backward", &backward);
   m.def("rmsprop_step", &rmsprop_step);
   m.def("vector_width", [] { return int64_t(V); });
+  m.def("parallel_threads", &parallel_threads);
 }
