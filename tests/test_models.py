@@ -82,7 +82,7 @@ def test_activations_name_every_layer_and_end_in_the_output(name):
         assert value.shape[0] == 2 and torch.isfinite(value).all(), key
 
 
-@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet", "robust-lenet"])
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet", "slim-lenet-valid", "robust-lenet"])
 def test_pooling_before_relu_is_the_same_function(name, mnist):
     """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order."""
     torch.manual_seed(0)

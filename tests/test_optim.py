@@ -33,7 +33,21 @@ def give_gradients(step: int, *param_lists) -> None:
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
-def test_fused_adam_takes_torchs_steps_bit_for_bit(kind, weight_decay):
+def test_fused_adam_takes_torchs_steps_bit_for_bit(kind, weight_decay, monkeypatch):
+    ours_opt, theirs_opt, ours, theirs = adam_pair(kind, weight_decay=weight_decay)
+    calls = []
+    name = "_fused_adam_" if kind == "adam" else "_fused_adamw_"
+    kernel = getattr(torch, name)
+    for step in range(4):
+        give_gradients(step, ours, theirs)
+        # count the kernel's calls from this optimizer's step only (torch's own calls it too)
+        monkeypatch.setattr(torch, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
+        ours_opt.step()
+        monkeypatch.setattr(torch, name, kernel)
+        theirs_opt.step()
+        ours_opt.zero_grad()
+        theirs_opt.zero_grad()
+    assert calls == [1, 1, 1, 1]  # its own fused step, not torch's
     ours_opt, theirs_opt, ours, theirs = adam_pair(kind, weight_decay=weight_decay)
     for step in range(4):
         if step == 2:  # a scheduler's change of the rate between steps
@@ -67,6 +81,40 @@ def test_fused_adam_state_loads_both_ways(kind):
         assert torch.equal(a, b)
 
 
+def test_groups_with_and_without_decoupled_decay_each_take_their_own_kernel():
+    if "decoupled_weight_decay" not in torch.optim.Adam([torch.zeros(1)]).defaults:
+        pytest.skip("this torch keeps AdamW's decay in its own class only")
+    torch.manual_seed(0)
+    ours = [torch.randn(8, requires_grad=True) for _ in range(2)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    groups = lambda ps: [{"params": [ps[0]], "decoupled_weight_decay": True}, {"params": [ps[1]]}]  # noqa: E731
+    mine, torchs = (FusedAdam(groups(ours), lr=1e-2, weight_decay=0.5, fused=True),
+                    torch.optim.Adam(groups(theirs), lr=1e-2, weight_decay=0.5, fused=True))
+    give_gradients(0, ours, theirs)
+    mine.step()
+    torchs.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_grad_scalers_step_is_torchs():
+    """GradScaler hands a fused Adam its scale and inf flag to apply in the kernel: torch's step does."""
+    results = []
+    for kind in (FusedAdam, torch.optim.Adam):
+        torch.manual_seed(0)
+        w = torch.randn(16, requires_grad=True)
+        optimizer = kind([w], lr=1e-2, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = (w ** 2).sum() * (float("inf") if step == 1 else 1.0)  # an overflow: that step is skipped
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        results.append((w.detach().clone(), optimizer.state[w]["exp_avg"].clone(), optimizer.state[w]["step"].item()))
+    (w1, m1, s1), (w2, m2, s2) = results
+    assert torch.isfinite(w1).all() and torch.equal(w1, w2) and torch.equal(m1, m2) and s1 == s2 == 2
+
+
 def test_what_the_fused_step_does_not_cover_takes_torchs_step_and_the_hooks_run_once():
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -98,9 +146,10 @@ def test_what_the_fused_step_does_not_cover_takes_torchs_step_and_the_hooks_run_
         handle.remove()
 
 
-def test_a_training_run_never_imports_torch_dynamo(mnist_dir, tmp_path):
-    """torch.optim's wrappers import torch._dynamo on first use (1.3-1.7 s of every run's start on 2
-    cores); lenet5's optimizers and the rest of a run, checkpoints and resume included, do without."""
+def test_a_training_run_with_adam_adamw_or_rmsprop_never_imports_torch_dynamo(mnist_dir, tmp_path):
+    """torch.optim's wrappers import torch._dynamo on first use (1.1-1.7 s of a run's start on 2 cores);
+    lenet5's Adam, AdamW and RMSprop and the rest of a run, checkpoints and resume included, do
+    without (SGD and SDLM are still torch.optim's, and pay it)."""
     code = f"""
 import sys
 from lenet5.data import load_mnist

@@ -56,6 +56,22 @@ def test_a_slowdown_asks_for_a_probe_and_a_steady_pace_does_not():
     assert asked[-1]  # three times slower for a whole window: probe
 
 
+def test_steps_slower_than_what_another_count_did_in_the_probe_ask_again():
+    """A probe under competition can keep the wrong count (its few timings are noisy); the real steps
+    then run slower than the other count did, and that asks for another probe."""
+    governor = ThreadGovernor(2, repeats=1, margin=0.85)
+    governor.probe(sleeper({2: 0.010, 1: 0.012}))  # 1 thread within the margin: 2 kept
+    assert governor.threads == 2
+    asked = [governor.step_done(0.011) for _ in range(30)]
+    assert not any(asked)  # as fast as the probe said: no reason to look again
+    governor.probe(sleeper({2: 0.010, 1: 0.012}))
+    asked = [governor.step_done(0.020) for _ in range(10)]
+    assert asked[-1]  # but steps at 20 ms, where 1 thread took 12: look again
+    governor.probe(sleeper({2: 0.010, 1: 0.012}))  # the same answer: real steps just cost more than probes
+    asked = [governor.step_done(0.020) for _ in range(30)]
+    assert not any(asked)  # so it does not ask again and again
+
+
 def test_below_the_full_count_it_rechecks_after_a_while():
     governor = ThreadGovernor(2, repeats=1, recheck_s=0.0)
     governor.probe(sleeper({2: 0.040, 1: 0.002}))

@@ -27,7 +27,7 @@ for ((seed = 0; seed < seeds; seed++)); do
     log=$work/$side-$seed.log
     start=$(date +%s.%N)
     PYTHONPATH=$src "$python" -m lenet5 train --recipe fast --data-dir "$mnist" --offline \
-        --out-dir "$work/runs" --name "$side-$seed" --seed "$seed" >"$log" 2>&1
+        --out-dir "$work/runs" --name "$side-$seed" --seed "$seed" >"$log" 2>&1 || { cat "$log"; exit 1; }
     end=$(date +%s.%N)
     printf '%s seed %d: %5.1f s wall, %s, %s\n' "$side" "$seed" "$(echo "$end - $start" | bc)" \
         "$(grep -o 'model [a-z0-9-]*' "$log" | head -1)" "$(grep -o 'test accuracy [0-9.]*%' "$log")"

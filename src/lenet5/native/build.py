@@ -15,6 +15,7 @@ ATen (`torch_ops=False`, a plain C ABI for ctypes) builds without them in about 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -26,6 +27,7 @@ import torch
 from platformdirs import user_cache_dir
 
 SOURCE = Path(__file__).with_name("conv_tanh_pool.cpp")
+log = logging.getLogger("lenet5.native")
 
 
 class BuildError(RuntimeError):
@@ -70,20 +72,29 @@ def openmp_flags(cxx: str) -> list[str]:
     GCC's -fopenmp the library needs libgomp.so.1, and the loader binds that to the libgomp torch
     has already loaded (the same soname; torch's rpath finds it too): one runtime, one thread
     pool, and torch.set_num_threads counts for the kernels as for ATen's own. So only where torch
-    runs on GNU libgomp (Linux CPU builds) and the compiler is GCC: clang's -fopenmp would bring
-    LLVM's runtime as a second pool.
+    runs on a libgomp.so.1 (Linux CPU builds; a wheel's renamed copy would not be the one the
+    loader binds to). The compiler must be GCC too (clang's -fopenmp brings LLVM's runtime as a
+    second pool): `library` asks it before building, and builds without the flag otherwise.
     """
     if sys.platform != "linux" or not torch._C.has_openmp:
         return []
-    if "clang" in Path(os.path.realpath(shutil.which(cxx) or cxx)).name:
-        return []
     try:
         with open("/proc/self/maps") as maps:
-            if not any("libgomp" in line for line in maps):
+            if not any(line.rstrip().endswith("/libgomp.so.1") for line in maps):
                 return []
     except OSError:
         return []
     return ["-fopenmp"]
+
+
+def _is_gcc(cxx: str) -> bool:
+    """Whether `cxx` is GCC itself, asked from its predefined macros (a wrapper's name says nothing)."""
+    try:
+        done = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    macros = done.stdout
+    return done.returncode == 0 and "__GNUC__" in macros and "__clang__" not in macros and "__INTEL" not in macros
 
 
 def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True,
@@ -116,8 +127,15 @@ def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     try:
+        if openmp and not _is_gcc(cxx):
+            log.warning("%s is not GCC: the native kernels are built without OpenMP and run on one thread", cxx)
+            openmp = []
         done = subprocess.run(_command(cxx, march, partial, source, torch_ops, openmp=openmp), capture_output=True,
                               text=True)
+        if done.returncode != 0 and openmp:  # e.g. no libgomp.so to link: one thread beats no kernels
+            log.warning("building the native kernels with -fopenmp failed (%s); building them for one thread",
+                        (done.stderr.strip().splitlines() or ["no output"])[-1])
+            done = subprocess.run(_command(cxx, march, partial, source, torch_ops), capture_output=True, text=True)
     except OSError as e:
         raise BuildError(f"{cxx} could not run: {e}") from None
     if done.returncode != 0:

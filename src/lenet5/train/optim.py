@@ -85,22 +85,25 @@ class _FusedAdamStep(_Eager):
     `torch._fused_adamw_`) on the same state as torch.optim.Adam(fused=True), so results and
     checkpoints are interchangeable with it, without the step's dynamo wrappers (see `_Eager`).
     Anything else (no fused kernel, amsgrad, maximize, capturable, a tensor lr, a closure, sparse
-    or complex gradients, mixed devices or dtypes in a group) takes torch's own step."""
+    or complex gradients, mixed devices or dtypes in a group, a GradScaler's step) takes torch's
+    own step."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        kernel = getattr(torch, "_fused_adamw_" if self._decoupled() else "_fused_adam_", None)
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return self._pytorch_step(closure)  # GradScaler unscales and skips inside the kernel: torch's path
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            kernel = getattr(torch, "_fused_adamw_" if self._decoupled(group) else "_fused_adam_", None)
             if (kernel is None or closure is not None or not group.get("fused") or group["amsgrad"]
                     or group["maximize"] or group["differentiable"] or group["capturable"]
                     or isinstance(group["lr"], torch.Tensor) or isinstance(group["betas"][0], torch.Tensor)
                     or len({(p.device, p.dtype) for p in params}) > 1
                     or any(p.grad.is_sparse or p.is_complex() for p in params)):
                 return self._pytorch_step(closure)
-            groups.append((group, params))
-        for group, params in groups:
+            groups.append((group, params, kernel))
+        for group, params, kernel in groups:
             if not params:
                 continue
             for p in params:
@@ -118,8 +121,9 @@ class _FusedAdamStep(_Eager):
                    eps=float(group["eps"]), maximize=False, grad_scale=None, found_inf=None)
         return None
 
-    def _decoupled(self) -> bool:
-        return isinstance(self, torch.optim.AdamW) or any(g.get("decoupled_weight_decay") for g in self.param_groups)
+    def _decoupled(self, group: dict) -> bool:
+        """AdamW's decay (torch >= 2.6 keeps it per group; earlier AdamW is its own class)."""
+        return bool(group.get("decoupled_weight_decay", isinstance(self, torch.optim.AdamW)))
 
 
 class FusedAdam(_FusedAdamStep, torch.optim.Adam):

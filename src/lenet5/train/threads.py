@@ -37,9 +37,11 @@ class ThreadGovernor:
 
     Steps of a run have one shape, so their times compare directly. `step_done` says when a probe
     is due: when the recent steps are `slowdown` times slower than the current count measured at
-    the last probe (competition arrived), or `recheck_s` seconds after a probe that left fewer
-    than all threads (competition may have gone). `probe` times a state-free step at each count
-    and keeps the fastest if it beats the current one by the factor `margin`.
+    the last probe (competition arrived); when they are slower than another count ran in the last
+    probe, by the factor `margin` (that probe chose wrongly: a few timings under competition are
+    noisy); or `recheck_s` seconds after a probe that left fewer than all threads (competition may
+    have gone). `probe` times a state-free step at each count and keeps the fastest if it beats
+    the current one by the factor `margin`.
     """
 
     def __init__(self, most: int, *, repeats: int = 5, margin: float = 0.85, slowdown: float = 1.4,
@@ -48,6 +50,9 @@ class ThreadGovernor:
         self.repeats, self.margin, self.slowdown, self.recheck_s = repeats, margin, slowdown, recheck_s
         self.threads = most
         self.reference = 0.0  # seconds per real step at self.threads, just after the last probe
+        self.alternative = 0.0  # seconds per probe step of the fastest count the last probe did not keep
+        self.second_look = 0.0  # the real step time that asked for the probe under way by that comparison
+        self.overhead = 1.0  # how much slower real steps are than probe steps at one count (optimizer, EMA, ...)
         self.recent: deque[float] = deque(maxlen=10)
         self.probed_at = time.perf_counter()
         self.probes = 0
@@ -59,6 +64,9 @@ class ThreadGovernor:
         if len(self.recent) < self.recent.maxlen or len(self.counts) == 1:
             return False
         now = statistics.median(self.recent)
+        if self.alternative and self.margin * now > self.alternative * self.overhead:
+            self.second_look = now
+            return True
         if not self.reference:
             self.reference = now
             return False
@@ -78,8 +86,15 @@ class ThreadGovernor:
                 times.append(time.perf_counter() - started)
             medians[n] = statistics.median(times)
         best = min(medians, key=medians.__getitem__)
+        kept = self.threads
         if medians[best] < self.margin * medians[self.threads]:
             self.threads = best
+        if self.second_look and self.threads == kept:
+            # The same count again: real steps are simply slower than probe steps here (an optimizer's
+            # step, say), by this much; later comparisons allow for it, so this does not repeat.
+            self.overhead = max(self.overhead, self.second_look / medians[kept])
+        self.alternative = min((t for n, t in medians.items() if n != self.threads), default=0.0)
+        self.second_look = 0.0
         torch.set_num_threads(self.threads)
         self.recent.clear()
         self.reference = 0.0  # re-measured on the next real steps
