@@ -330,10 +330,15 @@ void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList sq
   }
   const float a = float(alpha), b = float(1 - alpha), e = float(eps), l = float(lr), wd = float(weight_decay);
   for (size_t t = 0; t < params.size(); ++t) {
-    float* __restrict p = params[t].data_ptr<float>();
-    const float* __restrict g = grads[t].data_ptr<float>();
-    float* __restrict s = square_avgs[t].data_ptr<float>();
-    at::parallel_for(0, params[t].numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    float* const p_ = params[t].data_ptr<float>();
+    const float* const g_ = grads[t].data_ptr<float>();
+    float* const s_ = square_avgs[t].data_ptr<float>();
+    at::parallel_for(0, params[t].numel(), 1 << 15, [=](int64_t begin, int64_t end) {
+      // restrict-qualified here, inside the body OpenMP outlines: pointers reached through the
+      // closure carry no such promise, and the loop would not vectorise (3.5x slower, measured)
+      float* __restrict p = p_;
+      const float* __restrict g = g_;
+      float* __restrict s = s_;
       for (int64_t i = begin; i < end; ++i) {
         float gi = g[i];
         if (wd != 0.0f) gi = std::fma(wd, p[i], gi);  // grad.add(param, alpha=wd): ATen's vector path is an FMA
