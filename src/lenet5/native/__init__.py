@@ -4,7 +4,8 @@ RMSprop's update in one pass (the blog post's optimizer).
 oneDNN runs LeNet-5's 1->6 and 6->16 channel 5x5 convolutions at a fraction of the CPU's fp32
 peak, and tanh and pooling each add a pass over memory. `conv_tanh_pool` does all three in one
 C++ kernel (conv_tanh_pool.cpp), forward and backward, vectorised across images for AVX-512 or
-AVX2 and parallel over the batch on PyTorch's own thread pool.
+AVX2 and parallel over the batch on PyTorch's own thread pool (built with -fopenmp against torch's
+libgomp where that applies: `build.openmp_flags`).
 
 The kernels are compiled on first use with the machine's compiler and cached (see `build`).
 When that is impossible (no compiler, a failed build, Windows) one warning is logged and the
