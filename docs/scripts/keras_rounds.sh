@@ -15,7 +15,7 @@ mnist=${MNIST_DIR:-$repo/../shared/mnist}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "# $(git -C "$repo" rev-parse --short HEAD), $(date -u +%FT%TZ), $(nproc) cores; matmul peak:" \
-     "$("$python" -c 'from lenet5.hardware import matmul_peak; print(round(matmul_peak() / 1e9), "GFLOP/s fp32")')"
+     "$("$python" -c 'from lenet5.hardware import cpu_class, matmul_peak; print(round(matmul_peak() / 1e9), "GFLOP/s fp32, class", cpu_class())')"
 lenet5() {
   local start end
   start=$(date +%s.%N)
