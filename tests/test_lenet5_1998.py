@@ -11,8 +11,10 @@ import torch
 from torch.nn import functional as F
 
 from lenet5.data import MNIST
-from lenet5.data.distort import DistortionRanges, random_affine
+from lenet5.data.augment import distortion
+from lenet5.data.distort import DEFAULT_RANGES, DistortionRanges, random_affine
 from lenet5.data.transforms import to_model_input
+from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
 from lenet5.reproduce import ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config, reproduce_lecun1998
@@ -174,6 +176,31 @@ def test_distortions_keep_the_digit_in_the_frame(mnist):
     torch.testing.assert_close(wide[..., 8:36, 8:36], distorted, atol=1e-4, rtol=0)
     lost = 1 - wide[..., 8:36, 8:36].sum((1, 2, 3)) / wide.sum((1, 2, 3))
     assert lost.median() < 0.001 and torch.quantile(lost, 0.99) < 0.05
+
+
+def test_distortion_strength_and_share(mnist):
+    x = to_model_input(mnist.train.images[:2000])
+
+    def moved(strength: float, share: float) -> torch.Tensor:  # per image: the largest pixel change
+        out = distortion(strength, share)(x, generator=torch.Generator().manual_seed(0))
+        return (out - x).abs().flatten(1).amax(1)
+
+    assert distortion() is random_affine
+    assert DEFAULT_RANGES.scaled(0.5) == DistortionRanges(1.0, 0.05, 0.05, 0.1)
+    full, half = moved(1.0, 1.0), moved(0.5, 1.0)
+    assert (full > 1e-3).all() and (half > 1e-3).all()
+    # Half the ranges moves ink less: the same draws, every map closer to the identity.
+    assert (x - distortion(0.5)(x, generator=torch.Generator().manual_seed(0))).abs().sum() < \
+        0.7 * (x - distortion(1.0)(x, generator=torch.Generator().manual_seed(0))).abs().sum()
+    kept = (moved(1.0, 0.9) < 1e-5).float().mean().item()  # left exactly as they were
+    assert 0.08 < kept < 0.12
+
+
+@pytest.mark.parametrize("option", [{"distort_strength": 0.0}, {"distort_strength": 4.0}, {"distort_share": 0.0},
+                                    {"distort_share": 1.5}])
+def test_distortion_options_are_checked(option):
+    with pytest.raises(ConfigError, match=next(iter(option)).replace("_", "-")):
+        TrainConfig(model="lenet5-1998", distort=True, **option).validate()
 
 
 def test_reproduce_writes_its_report(mnist, tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from lenet5 import native
 from lenet5.data import Split
+from lenet5.data.augment import distortion
 from lenet5.errors import DataError
 from lenet5.models import create_model
 from lenet5.native import sdlm_pass
@@ -67,7 +68,8 @@ def run_pass(train: Split, native_path: bool, distort: bool, lr: float = ETA):
             "loss": loss, "accuracy": accuracy, "rng": torch.get_rng_state()}
 
 
-@pytest.mark.parametrize("distort", [False, True], ids=["plain", "distorted"])
+@pytest.mark.parametrize("distort", [False, True, distortion(0.5, share=0.9)],
+                         ids=["plain", "distorted", "half-strength-on-90%"])
 def test_native_pass_is_the_plain_per_pattern_steps(kernel, mnist, distort, one_thread):
     # 5x the recipe's rate, so that 200 patterns move every parameter well beyond rounding.
     train = mnist.train.head(200)

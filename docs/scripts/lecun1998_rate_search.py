@@ -42,6 +42,12 @@ CANDIDATES = {
     "shape x 1/50, distortions": (f"{PAPER} --lr 1e-5 --distort", range(4)),
     "paper's rates capped at 1e-5, distortions": (f"{CAPPED} --lr 1e-5 --distort", range(4)),
     "paper's rates capped at 2e-5, distortions": (f"{CAPPED} --lr 2e-5 --distort", range(4)),
+    # the distortions' strength and share (issue 13), at the chosen rate
+    "capped at 2e-5, distortions x 0.5": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5", range(4)),
+    "capped at 2e-5, distortions x 0.75": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.75", range(4)),
+    "capped at 2e-5, distortions x 1.5": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 1.5", range(4)),
+    "capped at 2e-5, distortions on 90% of the digits": (f"{CAPPED} --lr 2e-5 --distort --distort-share 0.9",
+                                                           range(4)),
 }
 
 
@@ -53,7 +59,7 @@ def folder(name: str, seed: int) -> str:
 
 
 def train(out: Path, data_dir: str, name: str, options: str, seed: int) -> None:
-    if (out / folder(name, seed) / "metrics.json").exists():
+    if last(out, name, seed) is not None:  # finished (the committed runs keep config.json and history.csv)
         return
     command = [sys.executable, "-m", "lenet5", "train", *BASE, *options.split(), "--seed", str(seed),
                "--data-dir", data_dir, "--offline", "--out-dir", str(out), "--name", folder(name, seed)]

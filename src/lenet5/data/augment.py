@@ -218,13 +218,21 @@ def check_augment(name: str) -> None:
                           f"from: {', '.join(OPS)}")
 
 
-def augmentation(name: str, *, distort: bool = False) -> Augment | None:
-    """The batch transform a config's `augment` (and `distort`: the 1998 paper's affine maps first)
-    stands for; None when there is none."""
-    from lenet5.data.distort import random_affine
+def distortion(strength: float = 1.0, share: float = 1.0) -> Augment:
+    """The 1998 paper's random affine maps (lenet5.data.distort), their ranges times `strength`,
+    applied to a random `share` of the images."""
+    from lenet5.data.distort import DEFAULT_RANGES, random_affine
 
+    if strength == 1 and share == 1:
+        return random_affine
+    return functools.partial(random_affine, ranges=DEFAULT_RANGES.scaled(strength), share=share)
+
+
+def augmentation(name: str, *, distort: bool | Augment = False) -> Augment | None:
+    """The batch transform a config's `augment` (and `distort`: the 1998 paper's affine maps first,
+    those of `distortion()` if True) stands for; None when there is none."""
     check_augment(name)
-    ops: list[Augment] = [random_affine] if distort else []
+    ops: list[Augment] = [distort if callable(distort) else distortion()] if distort else []
     if name == "robust":
         ops.append(robust)
     elif name != "none":

@@ -28,7 +28,7 @@ import torch
 
 from lenet5 import distributed
 from lenet5.data import Dataset, Split
-from lenet5.data.augment import augmentation
+from lenet5.data.augment import augmentation, distortion
 from lenet5.data.catalog import canonical_name
 from lenet5.data.transforms import compose, random_hflip
 from lenet5.distributed import World
@@ -165,7 +165,8 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     world, device, governor = _start(config)
     callbacks = callbacks if world.is_main else ()
     splits = _splits(config, data, device, world)
-    augment = compose(augmentation(config.augment, distort=config.distort), random_hflip if config.flip else None)
+    distort = distortion(config.distort_strength, config.distort_share) if config.distort else None
+    augment = compose(augmentation(config.augment, distort=distort), random_hflip if config.flip else None)
     outliers = load_outliers(config.outliers, config.outlier_weight, data.classes, device, announce=(
         lambda path: print(f"making the non-digits to train on, once (about a minute): {path}", file=sys.stderr,
                            flush=True)) if world.is_main else None)
@@ -295,7 +296,8 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
     if perpattern.applies(step.model, step.optimizer, config.batch_size, device, step.world.distributed,
                           step.precision.precision):
         # The paper's one update per pattern, in one native loop per pass (lenet5.train.perpattern).
-        train_loss, train_acc = perpattern.train_pass(step, train, order, callbacks, distort=config.distort)
+        train_loss, train_acc = perpattern.train_pass(
+            step, train, order, callbacks, distort=config.distort and distortion(config.distort_strength, config.distort_share))
     else:
         train_loss, train_acc = train_epoch(step, train, config.batch_size, order, callbacks)
     train_seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -73,14 +73,16 @@ def why_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 
 def train_pass(step: TrainStep, train: Split, order: torch.Tensor, callbacks: Sequence = (), *,
-               distort: bool = False, log_every: int = 50, native: bool | None = None) -> tuple[float, float]:
+               distort: bool | Callable[[torch.Tensor], torch.Tensor] = False, log_every: int = 50,
+               native: bool | None = None) -> tuple[float, float]:
     """One pass of per-pattern SDLM over `train` in the given order with `step`'s model, optimizer
     and schedule; returns the running mean loss and accuracy, as `train_epoch` at batch size 1
     does, and leaves the same state behind.
 
     `native`: None picks the native pass when it can run (`why_plain`), False forces the plain
     path (`train_epoch` at batch size 1, with the paper's distortions if `distort`), True
-    requires the native one."""
+    requires the native one. `distort`: True for the paper's distortions, or the batch transform
+    to distort with (`lenet5.data.augment.distortion`)."""
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
     if order.dim() != 1 or order.dtype != torch.int64 or len(order) == 0:
         raise DataError(f"the pass's order must be a non-empty 1-D int64 tensor, "
@@ -93,16 +95,18 @@ def train_pass(step: TrainStep, train: Split, order: torch.Tensor, callbacks: Se
     reason = why_plain(model, optimizer, scheduler, len(order)) if native is not False else "asked for"
     if reason and native:
         raise RuntimeError(f"the native per-pattern pass cannot run: {reason}")
+    if distort is True:
+        distort = random_affine
     if reason:
         log.info("per-pattern pass on the PyTorch path (%s)", reason)
-        plain = dataclasses.replace(step, augment=random_affine if distort else None)
+        plain = dataclasses.replace(step, augment=distort or None)
         return train_epoch(plain, train, 1, order, callbacks, log_every)
     log.debug("per-pattern pass on the native path")
     return _native_pass(model, optimizer, scheduler, train, order, callbacks, distort)
 
 
 def _native_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train: Split, order: torch.Tensor,
-                 callbacks: Sequence, distort: bool) -> tuple[float, float]:
+                 callbacks: Sequence, distort: Callable[[torch.Tensor], torch.Tensor] | bool) -> tuple[float, float]:
     model.train()
     params = list(model.parameters())
     work, steps, prototypes, pairs = kernel_arguments(model, optimizer)
@@ -115,7 +119,7 @@ def _native_pass(model: LeNet5_1998, optimizer: SDLM, scheduler: LambdaLR, train
             idx = order[start:start + CHUNK]
             x = to_model_input(train.images[idx])  # (B, 1, 28, 28)
             if distort:
-                x = random_affine(x)  # draws what B steps of train_epoch draw, in the same order
+                x = distort(x)  # draws what B steps of train_epoch draw, in the same order
             losses, right = sdlm_pass.run(x[:, 0].contiguous(), labels[idx].contiguous(), work, steps, prototypes,
                                           pairs, float(model.j))
             loss_sum += losses.double().sum().item()
