@@ -17,7 +17,8 @@ from lenet5.data.transforms import to_model_input
 from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
-from lenet5.reproduce import ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config, reproduce_lecun1998
+from lenet5.reproduce import (DISTORTION_STRENGTH, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config,
+                              reproduce_lecun1998)
 from lenet5.train import TrainConfig, fit
 from lenet5.train.optim import lr_multiplier
 from lenet5.train.sdlm import SDLM, diagonal_hessian
@@ -162,6 +163,8 @@ def test_the_per_pattern_cap_is_too_large_for_batches_of_16(mnist, tmp_path):
     per_pattern, batched = lecun1998_config(), lecun1998_config(batch_size=16)
     assert (per_pattern.lr, per_pattern.schedule) == (ETA_PER_SAMPLE, "lecun1998-capped")
     assert (batched.lr, batched.schedule) == (16 * ETA_PER_SAMPLE_BATCHED, "lecun1998")
+    distorted = lecun1998_config(distortions=True), lecun1998_config(distortions=True, batch_size=16)
+    assert [(c.distort, c.distort_strength) for c in distorted] == [(True, DISTORTION_STRENGTH), (True, 1.0)]
     assert fit(config, mnist, tmp_path / "run").history[0]["test_acc"] < 0.5
 
 
@@ -209,6 +212,7 @@ def test_reproduce_writes_its_report(mnist, tmp_path):
                                          command="test")
     text = report.read_text()
     assert "test error against the paper's 0.80%" in text and "| 1 |" in text
+    assert "shift +-2 px" in text  # the mini-batch variant keeps the full ranges
     assert (tmp_path / "run" / "error_curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "misclassified.png").stat().st_size > 1000
     assert "train_eval_acc" in result.history[0]

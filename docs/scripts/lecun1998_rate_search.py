@@ -48,6 +48,10 @@ CANDIDATES = {
     "capped at 2e-5, distortions x 1.5": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 1.5", range(4)),
     "capped at 2e-5, distortions on 90% of the digits": (f"{CAPPED} --lr 2e-5 --distort --distort-share 0.9",
                                                            range(4)),
+    "capped at 2e-5, distortions x 0.25": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.25", range(4)),
+    "capped at 2e-5, distortions x 0.35": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.35", range(4)),
+    "capped at 2e-5, distortions x 0.5 on 90% of the digits": (
+        f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5 --distort-share 0.9", range(4)),
 }
 
 
