@@ -39,6 +39,9 @@ CANDIDATES = {
     "e15-distort-ema9995": ["--epochs", "15", "--distort", "--ema", "0.9995"],
     "e15-distort-b256": ["--epochs", "15", "--distort", "--batch-size", "256", "--lr", "5e-3"],
     "e15-distort-sgd": ["--epochs", "15", "--distort", "--optimizer", "sgd", "--lr", "0.1", "--nesterov"],
+    # the distortions' strength, after it mattered for the 1998 network (docs/results/lecun1998-rate/)
+    "e15-distort-x0.5": ["--epochs", "15", "--distort", "--distort-strength", "0.5"],
+    "e15-distort-x0.75": ["--epochs", "15", "--distort", "--distort-strength", "0.75"],
 }
 
 
