@@ -18,8 +18,8 @@ from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
 from lenet5.reproduce import (DISTORTION_STRENGTH, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config,
-                              reproduce_lecun1998)
-from lenet5.train import TrainConfig, fit
+                              reproduce_lecun1998, write_seed_summary)
+from lenet5.train import TrainConfig, TrainingError, fit
 from lenet5.train.optim import lr_multiplier
 from lenet5.train.sdlm import SDLM, diagonal_hessian
 
@@ -195,7 +195,7 @@ def test_distortion_strength_and_share(mnist):
     # Half the ranges moves ink less: the same draws, every map closer to the identity.
     assert (x - distortion(0.5)(x, generator=torch.Generator().manual_seed(0))).abs().sum() < \
         0.7 * (x - distortion(1.0)(x, generator=torch.Generator().manual_seed(0))).abs().sum()
-    kept = (moved(1.0, 0.9) < 1e-5).float().mean().item()  # left exactly as they were
+    kept = (moved(1.0, 0.9) == 0).float().mean().item()  # left exactly as they were
     assert 0.08 < kept < 0.12
 
 
@@ -240,3 +240,20 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     assert capsys.readouterr().out.count("done before") == 2
     assert main(args) == 2  # the folder is taken
     assert "already exists and is not empty" in capsys.readouterr().err
+    # A plan made before the recipe's distortions changed strength cannot be continued by this version,
+    plan = json.loads((tmp_path / "two" / "seeds.json").read_text())
+    assert plan["distort_strength"] == 1.0  # plain: no distortions
+    plan.update(distortions=True)
+    del plan["distort_strength"]  # as plans made before the option were written
+    (tmp_path / "two" / "seeds.json").write_text(json.dumps(plan))
+    assert main(["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
+                 "--offline"]) == 2
+    assert f"at 1x the ranges, and this version's recipe uses {DISTORTION_STRENGTH:g}x" in capsys.readouterr().err
+    # and seeds that ran at different strengths make no summary.
+    runs = {k: tmp_path / "two" / f"seed-{k}" for k in (5, 6)}
+    for k, strength in ((5, 1.0), (6, 0.5)):
+        config = json.loads((runs[k] / "config.json").read_text())
+        (runs[k] / "config.json").write_text(json.dumps({**config, "distort": True, "distort_strength": strength}))
+    with pytest.raises(TrainingError, match="different strengths"):
+        write_seed_summary(tmp_path / "two", runs, distortions=True, command="test")
+    assert write_seed_summary(tmp_path / "two", {5: runs[5]}, distortions=True, command="test")["distort_strength"] == 1

@@ -3,6 +3,7 @@ its fallback, the seeded distortions, and fit() with resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ from lenet5.errors import DataError
 from lenet5.models import create_model
 from lenet5.native import sdlm_pass
 from lenet5.native.build import BuildError, compiler
-from lenet5.train import Callback, TrainConfig, TrainStep, fit, perpattern, resume
+from lenet5.train import Callback, TrainConfig, TrainStep, fit, loop, perpattern, resume
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import diagonal_hessian
 
@@ -236,3 +237,34 @@ def test_the_kernel_refuses_labels_outside_the_digits(kernel):
     with pytest.raises(ValueError, match="labels outside 0-9"):
         sdlm_pass.run(torch.zeros(2, 28, 28), torch.tensor([3, 10]), params, steps,
                       model.output.prototypes.contiguous(), pairs, 0.1)
+
+
+@pytest.mark.parametrize("model, optimizer, batch_size", [("lenet5-1998", "sdlm", 1), ("lenet5", "adam", 32)],
+                         ids=["per-pattern", "batches"])
+def test_fit_distorts_with_the_configs_strength_and_share(kernel, mnist, tmp_path, monkeypatch, model, optimizer,
+                                                          batch_size):
+    made, seen = [], []
+
+    def spy(strength, share):  # stands for lenet5.data.augment.distortion in the loop
+        made.append((strength, share))
+        return lambda images: seen.append(len(images)) or images
+
+    monkeypatch.setattr(loop, "distortion", spy)
+    config = TrainConfig(model=model, optimizer=optimizer, lr=1e-5 if optimizer == "sdlm" else 1e-3,
+                         batch_size=batch_size, epochs=1, distort=True, distort_strength=0.5, distort_share=0.8,
+                         hessian_samples=20, train_samples=64, test_samples=100, threads=1)
+    fit(config, mnist, tmp_path / "run")
+    assert made and set(made) == {(0.5, 0.8)}
+    assert sum(seen) == 64  # every training image of the pass went through the configured transform
+
+
+def test_other_augmentations_take_the_plain_path(kernel, mnist, tmp_path, caplog):
+    """The native pass applies only the paper's distortions: --augment or --flip must not be dropped."""
+    config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA, schedule="lecun1998", batch_size=1, epochs=1,
+                         augment="noise", flip=True, hessian_samples=20, train_samples=40, test_samples=100, threads=1)
+    with caplog.at_level(logging.DEBUG, logger="lenet5.train.perpattern"):
+        fit(config, mnist, tmp_path / "run")
+    assert "per-pattern pass on the native path" not in caplog.text
+    with caplog.at_level(logging.DEBUG, logger="lenet5.train.perpattern"):
+        fit(dataclasses.replace(config, augment="none", flip=False), mnist, tmp_path / "plain")
+    assert "per-pattern pass on the native path" in caplog.text

@@ -52,6 +52,9 @@ CANDIDATES = {
     "capped at 2e-5, distortions x 0.35": (f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.35", range(4)),
     "capped at 2e-5, distortions x 0.5 on 90% of the digits": (
         f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5 --distort-share 0.9", range(4)),
+    # the rate again, at half-strength distortions
+    "capped at 1e-5, distortions x 0.5": (f"{CAPPED} --lr 1e-5 --distort --distort-strength 0.5", range(4)),
+    "capped at 3e-5, distortions x 0.5": (f"{CAPPED} --lr 3e-5 --distort --distort-strength 0.5", range(4)),
 }
 
 

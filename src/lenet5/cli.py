@@ -264,11 +264,18 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lenet5.reproduce import write_seed_summary
+    from lenet5.reproduce import lecun1998_config, write_seed_summary
+
+    def strength(distortions: bool, batch_size: int) -> float:  # what this version's recipe distorts by
+        return lecun1998_config(distortions=True, batch_size=batch_size).distort_strength if distortions else 1.0
 
     if args.resume:
         parent = args.resume
         plan = json.loads((parent / SEEDS_FILE).read_text())
+        planned, now = plan.get("distort_strength", 1.0), strength(plan["distortions"], plan["batch_size"])
+        if planned != now:  # the seeds still to start would run another recipe than those before
+            raise ConfigError(f"{parent}: its seeds were planned with distortions at {planned:g}x the ranges, and "
+                              f"this version's recipe uses {now:g}x; start a new multi-seed run instead")
     else:
         mode = "distortions" if args.distortions else "plain"
         parent = args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}-{args.seeds}-seeds")
@@ -277,7 +284,8 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
                               f"it with --resume {parent}")
         plan = {"seeds": list(range(args.seed, args.seed + args.seeds)), "distortions": args.distortions,
                 "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
-                "threads": args.threads or (1 if args.jobs > 1 else 0)}
+                "threads": args.threads or (1 if args.jobs > 1 else 0),
+                "distort_strength": strength(args.distortions, args.batch_size)}
         parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(parent / SEEDS_FILE, json.dumps(plan, indent=2) + "\n")
     data_dir = load_data(args).root  # fetched and verified once; the children read it offline

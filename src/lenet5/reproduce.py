@@ -23,7 +23,7 @@ from lenet5.data.distort import DEFAULT_RANGES
 from lenet5.data.transforms import to_model_input
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
 from lenet5.plots import plot_digit_gallery, plot_error_curves
-from lenet5.train import Callback, FitResult, TrainConfig, fit, resume
+from lenet5.train import Callback, FitResult, TrainConfig, TrainingError, fit, resume
 
 PAPER_TEST_ERROR = {False: 0.0095, True: 0.008}  # section III.C: 0.95%, 0.8% with distortions
 PAPER_MISCLASSIFIED = 82  # Figure 8 (the distortion-trained network)
@@ -62,7 +62,7 @@ def lecun1998_config(*, distortions: bool = False, batch_size: int = 1, epochs: 
     if batch_size == 1 and device == "auto":
         device = "cpu"  # one pattern per update is launch-bound on a GPU; the CPU has the native pass
     eta, schedule = (ETA_PER_SAMPLE, "lecun1998-capped") if batch_size == 1 else (ETA_PER_SAMPLE_BATCHED, "lecun1998")
-    strength = DISTORTION_STRENGTH if batch_size == 1 else 1.0
+    strength = DISTORTION_STRENGTH if distortions and batch_size == 1 else 1.0
     return TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=eta * batch_size, mu=0.02, hessian_samples=500,
                        schedule=schedule, batch_size=batch_size, epochs=epochs, distort=distortions,
                        distort_strength=strength, eval_train=True, seed=seed, threads=threads, device=device)
@@ -94,8 +94,8 @@ def _schedule_text(config: TrainConfig) -> str:
 
 def _distortion_text(config: TrainConfig) -> str:
     ranges = DEFAULT_RANGES.scaled(config.distort_strength)
-    share = f"{config.distort_share:.0%} of the" if config.distort_share < 1 else "every"
-    return (f"Distortions: a random planar affine map of {share} training digit, drawn anew every pass: shift "
+    share = f"{config.distort_share:.0%} of the training digits" if config.distort_share < 1 else "every training digit"
+    return (f"Distortions: a random planar affine map of {share}, drawn anew every pass: shift "
             f"+-{ranges.translate:g} px, scale and squeeze 1 +- {ranges.scale:g} and {ranges.squeeze:g}, shear "
             f"+-{ranges.shear:g} ({config.distort_strength:g} x lenet5.data.distort's ranges).")
 
@@ -180,13 +180,20 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
         history = json.loads((run_dir / "history.json").read_text())
         final = history[-1]
         errors.append(1 - final["test_acc"])
+        config = json.loads((run_dir / "config.json").read_text())
         rows.append({"seed": seed, "run": run_dir.name, "passes": len(history), "test_error": 1 - final["test_acc"],
+                     "distort_strength": config.get("distort_strength", 1.0) if distortions else None,
                      "train_error": 1 - final["train_eval_acc"] if "train_eval_acc" in final else None,
                      "seconds": sum(r["seconds"] for r in history)})
     stats = seed_statistics(errors)
     paper = PAPER_TEST_ERROR[distortions]
-    summary = {"recipe": "lecun1998", "distortions": distortions, "paper_test_error": paper, **stats, "runs": rows,
-               "command": command}
+    strengths = sorted({r["distort_strength"] for r in rows if distortions})
+    if len(strengths) > 1:
+        raise TrainingError(f"{parent}: the seeds ran with distortions of different strengths ({strengths}); "
+                            f"their errors do not make one figure")
+    summary = {"recipe": "lecun1998", "distortions": distortions,
+               "distort_strength": strengths[0] if strengths else None, "paper_test_error": paper, **stats,
+               "runs": rows, "command": command}
     atomic_write_text(parent / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def percent(value: float | None) -> str:
@@ -195,7 +202,8 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
     table = "\n".join(f"| {r['seed']} | {r['passes']} | {percent(r['test_error'])} | {percent(r['train_error'])} | "
                       f"{r['seconds'] / 60:.1f} |" for r in rows)
     verdict = "at or below" if stats["mean"] <= paper + 1e-12 else "above"
-    text = f"""# LeNet-5 (1998) reproduction{' with distortions' if distortions else ''}: {len(rows)} seeds
+    strength = f" ({strengths[0]:g}x lenet5.data.distort's ranges)" if strengths else ""
+    text = f"""# LeNet-5 (1998) reproduction{' with distortions' + strength if distortions else ''}: {len(rows)} seeds
 
 ```sh
 {command}

@@ -43,8 +43,9 @@ def random_affine(images: torch.Tensor, ranges: DistortionRanges = DEFAULT_RANGE
     device = images.device if generator is None else generator.device
     u = torch.rand(b, 5 if share >= 1 else 6, generator=generator, device=device)
     u = (u.to(images.device, images.dtype) * 2 - 1)  # uniform in [-1, 1]
-    if share < 1:  # the images left alone get the identity map
-        u = u[:, :5] * (u[:, 5:] < 2 * share - 1)
+    keep = None
+    if share < 1:  # drawn with the maps, so that a batch of B draws what B batches of one draw
+        keep, u = u[:, 5] >= 2 * share - 1, u[:, :5]
     scale = 1 + ranges.scale * u[:, 0]
     squeeze = 1 + ranges.squeeze * u[:, 1]
     shear = ranges.shear * u[:, 2]
@@ -59,4 +60,5 @@ def random_affine(images: torch.Tensor, ranges: DistortionRanges = DEFAULT_RANGE
     inv[:, 0, 2] = -(tx / sx - shear * ty / sy)
     inv[:, 1, 2] = -ty / sy
     grid = F.affine_grid(inv, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    distorted = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return distorted if keep is None else torch.where(keep[:, None, None, None], images, distorted)

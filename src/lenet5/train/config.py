@@ -70,11 +70,13 @@ class TrainConfig:
         "keep an exponential moving average of the weights with this decay per step, e.g. 0.999; "
         "evaluation and checkpoints use the average (0: off; see lenet5/train/average.py)"))
     distort: bool = field(default=False, metadata=_opt(
-        "random affine distortions of every training batch (the paper's, see lenet5.data.distort)"))
+        "random affine distortions of the training images (the paper's, see lenet5.data.distort)"))
     distort_strength: float = field(default=1.0, metadata=_opt(
-        "--distort: every range (shift, scale, squeeze, shear) times this, e.g. 0.5 for half as strong"))
+        "with --distort: every range (shift, scale, squeeze, shear) times this, in (0, 3], e.g. 0.5 for half as "
+        "strong"))
     distort_share: float = field(default=1.0, metadata=_opt(
-        "--distort: the share of training images distorted, the rest left as they are (the paper's set: 0.9)"))
+        "with --distort: the share of training images distorted, in (0, 1]; the rest are left as they are (the "
+        "paper's set: 0.9)"))
     augment: str = field(default="none", metadata=_opt(
         "augmentation of every training batch, on its device (lenet5.data.augment): none, robust (random "
         "warps with elastic distortion, stroke width, low resolution, blur, contrast, noise), or ops joined "
@@ -173,6 +175,8 @@ class TrainConfig:
             raise ConfigError(f"--distort-strength must be in (0, 3], got {self.distort_strength}")
         if not 0 < self.distort_share <= 1:
             raise ConfigError(f"--distort-share must be in (0, 1], got {self.distort_share}")
+        if not self.distort and (self.distort_strength != 1 or self.distort_share != 1):
+            raise ConfigError("--distort-strength and --distort-share shape --distort's distortions; add --distort")
         check_augment(self.augment)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
