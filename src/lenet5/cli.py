@@ -267,7 +267,7 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     from lenet5.reproduce import lecun1998_config, write_seed_summary
 
     def strength(distortions: bool, batch_size: int) -> float:  # what this version's recipe distorts by
-        return lecun1998_config(distortions=True, batch_size=batch_size).distort_strength if distortions else 1.0
+        return lecun1998_config(distortions=distortions, batch_size=batch_size).distort_strength
 
     if args.resume:
         parent = args.resume

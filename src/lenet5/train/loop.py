@@ -296,9 +296,9 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
     if perpattern.applies(step.model, step.optimizer, config.batch_size, device, step.world.distributed,
                           step.precision.precision) and config.augment == "none" and not config.flip \
             and step.outliers is None:  # the pass knows the paper's distortions, not the other transforms
-        # The paper's one update per pattern, in one native loop per pass (lenet5.train.perpattern).
-        distort = distortion(config.distort_strength, config.distort_share) if config.distort else False
-        train_loss, train_acc = perpattern.train_pass(step, train, order, callbacks, distort=distort)
+        # The paper's one update per pattern, in one native loop per pass (lenet5.train.perpattern);
+        # the step's transform is then --distort's alone, if any.
+        train_loss, train_acc = perpattern.train_pass(step, train, order, callbacks, distort=step.augment or False)
     else:
         train_loss, train_acc = train_epoch(step, train, config.batch_size, order, callbacks)
     train_seconds = time.perf_counter() - started
