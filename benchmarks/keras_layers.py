@@ -66,6 +66,7 @@ def main() -> None:
     tune_allocator()  # as `lenet5 train` does
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     step = TrainStep.build(TrainConfig(precision=args.precision), torch.device("cpu"), 1875)
+    step.wrap(compile=False)  # as fit() does: bf16 runs on the optimizer's bfloat16 copies of the weights
     model = step.model
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=generator)

@@ -59,6 +59,7 @@ def time_lenet5(name: str, images: torch.Tensor, labels: torch.Tensor, batch_siz
     flush_denormals()
     config = TrainConfig(model=name, optimizer="adam", batch_size=batch_size, precision=precision)
     step = TrainStep.build(config, torch.device(device), steps_per_epoch=1)  # as fit() builds it
+    step.wrap(compile=False)
     data = Split(images, labels).to(device)
     train_epoch(step, data, batch_size, torch.arange(batch_size * 5, device=device))
     started = time.perf_counter()

@@ -267,13 +267,52 @@ def test_fused_rmsprop_state_loads_both_ways(kernels):
 
 def test_the_rmsprop_kernel_refuses_tensors_that_do_not_match(kernels):
     p, g, s = torch.zeros(4), torch.ones(4), torch.zeros(2)  # an average of the wrong size (a bad checkpoint)
+    step = torch.ops.lenet5_native.rmsprop_step
     assert not native.rmsprop_applies([p], [g], [s])
     with pytest.raises(RuntimeError, match="share one dense layout"):
-        torch.ops.lenet5_native.rmsprop_step([p], [g], [s], 1e-3, 0.9, 1e-7, 0.0)
+        step([p], [g], [s], [], 1e-3, 0.9, 1e-7, 0.0)
     with pytest.raises(RuntimeError, match="share memory"):
-        torch.ops.lenet5_native.rmsprop_step([p], [p], [torch.zeros(4)], 1e-3, 0.9, 1e-7, 0.0)
+        step([p], [p], [torch.zeros(4)], [], 1e-3, 0.9, 1e-7, 0.0)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.lenet5_native.rmsprop_step([p.double()], [g.double()], [torch.zeros(4).double()], 1e-3, 0.9, 1e-7, 0.0)
+        step([p.double()], [g.double()], [torch.zeros(4).double()], [], 1e-3, 0.9, 1e-7, 0.0)
+    s = torch.zeros(4)
+    for bad in (torch.zeros(4), torch.zeros(5, dtype=torch.bfloat16), p.view(torch.bfloat16)[:4]):
+        with pytest.raises(RuntimeError, match="copy"):  # float32, the wrong size, the weight's own memory
+            step([p], [g.bfloat16()], [s], [bad], 1e-3, 0.9, 1e-7, 0.0)
+    with pytest.raises(RuntimeError, match="one bfloat16 copy per parameter"):
+        step([p, p.clone()], [g, g.clone()], [s, s.clone()], [g.bfloat16()], 1e-3, 0.9, 1e-7, 0.0)
+    assert not native.rmsprop_applies([p], [g], [s], [torch.zeros(4)])  # a float32 gradient beside a copy
+    assert not native.rmsprop_applies([p], [g.bfloat16()], [s])  # a bfloat16 gradient without one
+    assert native.rmsprop_applies([p], [g.bfloat16()], [s], [torch.zeros(4, dtype=torch.bfloat16)])
+    assert not any(t.abs().sum() for t in (p, s))  # nothing was written by a refused call
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_the_rmsprop_kernel_on_bf16_copies_steps_as_autocasts_casts_would(kernels, weight_decay):
+    """Gradients read as bfloat16 and copies written as bfloat16: the same float32 step as from the
+    gradients cast to float32, and each copy exactly the new weight's `.to(torch.bfloat16)`
+    (round to nearest even, ties included; NaN stays NaN)."""
+    torch.manual_seed(1)
+    p = torch.randn(70_001) * torch.logspace(-30, 3, 70_001)  # many exponents, an odd length (vector tails)
+    p[:4] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), float("nan")])  # ties both ways
+    g = (torch.randn_like(p) * 1e-2).bfloat16()
+    s1 = torch.rand_like(p)
+    s2 = s1.clone()
+    p2, copy = p.clone(), torch.empty_like(p, dtype=torch.bfloat16)
+    args = (1e-3, 0.9, 1e-7, weight_decay)
+    torch.ops.lenet5_native.rmsprop_step([p], [g.float()], [s1], [], *args)
+    torch.ops.lenet5_native.rmsprop_step([p2], [g], [s2], [copy], *args)
+    torch.testing.assert_close(p2, p, rtol=0, atol=0, equal_nan=True)  # the NaN weight's average is NaN with decay
+    torch.testing.assert_close(s2, s1, rtol=0, atol=0, equal_nan=True)
+    expected = p2.to(torch.bfloat16)
+    finite = ~p2.isnan()  # NaN stays NaN (torch's own casts disagree on its bits: 0x7fc0 or 0xffff)
+    assert torch.equal(copy.isnan(), ~finite) and int(finite.sum()) == len(p2) - 1
+    assert torch.equal(copy[finite].view(torch.int16), expected[finite].view(torch.int16))  # bit for bit
+    ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8)])
+    q, c = ties.clone(), torch.empty(3, dtype=torch.bfloat16)
+    torch.ops.lenet5_native.rmsprop_step([q], [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [c],
+                                         1e-3, 0.9, 1e-7, 0.0)
+    assert torch.equal(q, ties) and c.tolist() == [1.0, 1.0 + 2 ** -6, -1.0]  # to even: down, up, down
 
 
 def test_the_cache_key_sees_the_include_paths_the_build_uses():

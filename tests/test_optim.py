@@ -167,3 +167,75 @@ print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def rmsprop_step_pair(model: str = "lenet5", batch: int = 16):
+    """Two TrainSteps of one config in bf16 with RMSprop: the first as autocast runs it (casting every
+    weight and gradient each step), the second on the optimizer's bfloat16 copies (`wrap`)."""
+    from lenet5 import native
+    from lenet5.train.config import TrainConfig
+    from lenet5.train.step import TrainStep
+
+    if not native.available():
+        pytest.skip(native.why_unavailable())
+    config = TrainConfig(model=model, optimizer="rmsprop", batch_size=batch, precision="bf16", weight_decay=1e-4)
+    steps = [TrainStep.build(config, torch.device("cpu"), 100) for _ in range(2)]
+    steps[1].wrap(compile=False)
+    return steps
+
+
+def take_steps(step, images: torch.Tensor, labels: torch.Tensor, count: int, start: int = 0) -> None:
+    from lenet5.data.transforms import to_model_input
+
+    batch = 16
+    for i in range(start, start + count):
+        x, y = to_model_input(images[i * batch:(i + 1) * batch]), labels[i * batch:(i + 1) * batch]
+        objective, _ = step.objective(*step.outputs(x, len(y)), y)
+        step.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        step.optimizer.step()
+
+
+def test_bf16_training_on_the_optimizers_copies_is_autocasts_arithmetic_bit_for_bit(mnist):
+    cast, copies = rmsprop_step_pair()
+    assert cast.optimizer._copies is None and copies.optimizer._copies is not None
+    images, labels = mnist.train.images[:640], mnist.train.labels[:640]
+    take_steps(cast, images, labels, 8)
+    take_steps(copies, images, labels, 8)
+    for (name, a), b in zip(cast.model.named_parameters(), copies.model.parameters()):
+        assert b.dtype == torch.float32 and isinstance(b, torch.nn.Parameter), name  # the model's own, back in place
+        assert b.grad is None  # the gradients are the copies'
+        assert torch.equal(a, b), name
+        assert not torch.equal(a, copies.optimizer._copies[b].float()) or a.abs().max() == 0  # a rounded copy...
+        assert torch.equal(copies.optimizer._copies[b], b.detach().bfloat16()), name  # ...of the new weight
+    for a, b in zip(cast.optimizer.state.values(), copies.optimizer.state.values()):
+        assert torch.equal(a["square_avg"], b["square_avg"]) and a["step"] == b["step"] == 8
+    # weights changed from outside (a checkpoint loaded, say) reach the copies before the next pass
+    other = {k: v * 0.5 for k, v in cast.model.state_dict().items()}
+    for step in (cast, copies):
+        step.model.load_state_dict(other)
+    take_steps(cast, images, labels, 2, start=8)
+    take_steps(copies, images, labels, 2, start=8)
+    for a, b in zip(cast.model.parameters(), copies.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_copies_are_kept_only_where_the_native_pass_takes_every_step():
+    from lenet5.train.config import TrainConfig
+    from lenet5.train.step import TrainStep
+
+    step = TrainStep.build(TrainConfig(model="lenet5", optimizer="rmsprop", precision="fp32"),
+                           torch.device("cpu"), 100)
+    step.wrap(compile=False)
+    assert step.forward is step.model and step.optimizer._copies is None  # fp32: nothing to cast
+    step = TrainStep.build(TrainConfig(model="lenet5", optimizer="adam", precision="bf16"), torch.device("cpu"), 100)
+    step.wrap(compile=False)
+    assert step.forward is step.model  # Adam's step is ATen's fused kernel: autocast casts as before
+    from lenet5.train.optim import FusedRMSprop
+
+    params = [torch.zeros(3, requires_grad=True)]
+    assert FusedRMSprop(params, lr=1e-3, momentum=0.9).keep_bf16_copies() is None  # torch's own step
+    from lenet5 import native
+
+    with native.disabled():
+        assert FusedRMSprop(params, lr=1e-3).keep_bf16_copies() is None

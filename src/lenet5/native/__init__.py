@@ -137,21 +137,31 @@ def _dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
-def rmsprop_applies(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor]) -> bool:
-    """Whether `rmsprop_step` can update these tensors: CPU float32, each parameter, gradient and
-    average in one dense layout, no autograd or tracing watching; and the kernels loaded."""
+def rmsprop_applies(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
+                    copies: list[torch.Tensor] | None = None) -> bool:
+    """Whether `rmsprop_step` can update these tensors: CPU, float32 parameters and averages, each
+    gradient float32 (bfloat16 where the parameter has a bfloat16 copy), each parameter, gradient,
+    average and copy in one dense layout, no autograd or tracing watching; and the kernels loaded."""
     if getattr(_disabled, "on", False) or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    for p, g, s in zip(params, grads, square_avgs, strict=True):
-        if p.device.type != "cpu" or not (p.dtype == g.dtype == s.dtype == torch.float32) or g.is_sparse \
-                or not (p.shape == g.shape == s.shape) or not (p.stride() == g.stride() == s.stride()) \
+    copies = copies or [None] * len(params)
+    for p, g, s, c in zip(params, grads, square_avgs, copies, strict=True):
+        grad_dtype = torch.float32 if c is None else torch.bfloat16
+        if p.device.type != "cpu" or not (p.dtype == s.dtype == torch.float32) or g.dtype != grad_dtype \
+                or g.is_sparse or not (p.shape == g.shape == s.shape) or not (p.stride() == g.stride() == s.stride()) \
                 or not _dense(p) or g.device != p.device or s.device != p.device:
+            return False
+        if c is not None and (c.dtype != torch.bfloat16 or c.device != p.device or c.stride() != p.stride()
+                              or c.shape != p.shape):
             return False
     return available()
 
 
-def rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor], *,
-                 lr: float, alpha: float, eps: float, weight_decay: float) -> None:
-    """PyTorch's RMSprop update (no momentum, not centred) in one pass per tensor, in place; the
+def rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
+                 copies: list[torch.Tensor] | None = None, *, lr: float, alpha: float, eps: float,
+                 weight_decay: float) -> None:
+    """PyTorch's RMSprop update (no momentum, not centred) in one pass per tensor, in place; with
+    `copies`, each parameter's bfloat16 copy is rewritten from the new weights in the same pass
+    (rounded as `.to(torch.bfloat16)` rounds) and the gradients are the copies' (bfloat16). The
     caller checks `rmsprop_applies` first."""
-    _ops().rmsprop_step(params, grads, square_avgs, lr, alpha, eps, weight_decay)
+    _ops().rmsprop_step(params, grads, square_avgs, copies or [], lr, alpha, eps, weight_decay)

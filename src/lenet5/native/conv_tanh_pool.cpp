@@ -21,7 +21,9 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -310,43 +312,92 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsav
 //   g += wd p;  s = alpha s + (1 - alpha) g^2;  p -= lr g / (sqrt(s) + eps),
 // in one pass over each tensor where torch.optim.RMSprop makes five (mul, addcmul, sqrt, add,
 // addcdiv), each reading and writing the whole tensor: for keras-lenet's 1.25M parameters that
-// was a fifth of a training step at batch 32. The caller checks that every tensor is float32
-// and that a parameter, its gradient and its average share one dense layout.
+// was a fifth of a training step at batch 32. The caller checks that every parameter and average
+// is float32, each gradient float32 or bfloat16, and that a parameter, its gradient and its
+// average share one dense layout.
 // Each line computes one or two of PyTorch's ops as ATen's vector kernels do (the FMA is theirs;
 // no product feeds a sum elsewhere, so the compiler adds none): the average comes out bit for bit,
 // the weight within one unit in the last place (up to 0.2% of them per step, measured).
-void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, double lr, double alpha,
-                  double eps, double weight_decay) {
+//
+// bf16 training (`copies` not empty): the forward and backward passes run on a bfloat16 copy of
+// each weight, whose gradient is bfloat16. Under autocast they are made every step, the copy by
+// one cast and the gradient's way back to float32 by another: for keras-lenet's dense weight the
+// two took a tenth of the step. Here the gradient is read as bfloat16 (widening is exact) and the
+// copy written in the same pass, rounded to nearest even as torch's cast rounds it, so the run's
+// arithmetic is the same as under autocast's casts.
+inline float widen(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t narrow(float f) {  // c10::BFloat16's round_to_nearest_even, in a form that vectorises
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t(0x7fc0) : uint16_t(rounded);
+}
+
+template <typename G, bool kCopy>
+void rmsprop_tensor(float* const p_, const G* const g_, float* const s_, uint16_t* const c_, int64_t n, float a,
+                    float b, float e, float l, float wd) {
+  at::parallel_for(0, n, 1 << 15, [=](int64_t begin, int64_t end) {
+    // restrict-qualified here, inside the body OpenMP outlines: pointers reached through the
+    // closure carry no such promise, and the loop would not vectorise (3.5x slower, measured)
+    float* __restrict p = p_;
+    const G* __restrict g = g_;
+    float* __restrict s = s_;
+    uint16_t* __restrict c = c_;
+    for (int64_t i = begin; i < end; ++i) {
+      float gi;
+      if constexpr (std::is_same_v<G, float>) gi = g[i]; else gi = widen(g[i]);
+      if (wd != 0.0f) gi = std::fma(wd, p[i], gi);  // grad.add(param, alpha=wd): ATen's vector path is an FMA
+      const float si = std::fma(b * gi, gi, s[i] * a);  // square_avg.mul_(alpha).addcmul_(grad, grad, 1 - alpha)
+      s[i] = si;
+      const float pi = p[i] + (-l * gi) / (std::sqrt(si) + e);  // param.addcdiv_(grad, sqrt(avg) + eps, value=-lr)
+      p[i] = pi;
+      if constexpr (kCopy) c[i] = narrow(pi);
+    }
+  });
+}
+
+void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList copies,
+                  double lr, double alpha, double eps, double weight_decay) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == square_avgs.size(), "rmsprop_step: list lengths differ");
+  TORCH_CHECK(copies.empty() || copies.size() == params.size(), "rmsprop_step: one bfloat16 copy per parameter, or none");
   for (size_t t = 0; t < params.size(); ++t) {  // what the loop below reads and writes as plain arrays
     const at::Tensor &p = params[t], &g = grads[t], &s = square_avgs[t];
     TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && s.device().is_cpu(), "rmsprop_step: CPU tensors only");
-    TORCH_CHECK(p.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat,
-                "rmsprop_step: float32 tensors only");
+    TORCH_CHECK(p.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat &&
+                    (g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16),
+                "rmsprop_step: float32 parameters and averages, float32 or bfloat16 gradients only");
     TORCH_CHECK(p.sizes() == g.sizes() && p.sizes() == s.sizes() && p.strides() == g.strides() &&
                     p.strides() == s.strides() && p.is_non_overlapping_and_dense(),
                 "rmsprop_step: a parameter, its gradient and its average must share one dense layout");
     TORCH_CHECK(!p.is_alias_of(g) && !p.is_alias_of(s) && !g.is_alias_of(s), "rmsprop_step: tensors share memory");
+    if (!copies.empty()) {
+      const at::Tensor& c = copies[t];
+      TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kBFloat16 && c.sizes() == p.sizes() &&
+                      c.strides() == p.strides() && !c.is_alias_of(p) && !c.is_alias_of(g) && !c.is_alias_of(s),
+                  "rmsprop_step: each copy must be a bfloat16 tensor of its parameter's layout, of its own memory");
+    }
   }
   const float a = float(alpha), b = float(1 - alpha), e = float(eps), l = float(lr), wd = float(weight_decay);
   for (size_t t = 0; t < params.size(); ++t) {
-    float* const p_ = params[t].data_ptr<float>();
-    const float* const g_ = grads[t].data_ptr<float>();
-    float* const s_ = square_avgs[t].data_ptr<float>();
-    at::parallel_for(0, params[t].numel(), 1 << 15, [=](int64_t begin, int64_t end) {
-      // restrict-qualified here, inside the body OpenMP outlines: pointers reached through the
-      // closure carry no such promise, and the loop would not vectorise (3.5x slower, measured)
-      float* __restrict p = p_;
-      const float* __restrict g = g_;
-      float* __restrict s = s_;
-      for (int64_t i = begin; i < end; ++i) {
-        float gi = g[i];
-        if (wd != 0.0f) gi = std::fma(wd, p[i], gi);  // grad.add(param, alpha=wd): ATen's vector path is an FMA
-        const float si = std::fma(b * gi, gi, s[i] * a);  // square_avg.mul_(alpha).addcmul_(grad, grad, 1 - alpha)
-        s[i] = si;
-        p[i] = p[i] + (-l * gi) / (std::sqrt(si) + e);  // param.addcdiv_(grad, sqrt(avg) + eps, value=-lr)
-      }
-    });
+    float* const p = params[t].data_ptr<float>();
+    float* const s = square_avgs[t].data_ptr<float>();
+    const int64_t n = params[t].numel();
+    uint16_t* const c = copies.empty() ? nullptr : reinterpret_cast<uint16_t*>(copies[t].data_ptr<at::BFloat16>());
+    if (grads[t].scalar_type() == at::kBFloat16) {
+      const uint16_t* g = reinterpret_cast<const uint16_t*>(grads[t].data_ptr<at::BFloat16>());
+      c ? rmsprop_tensor<uint16_t, true>(p, g, s, c, n, a, b, e, l, wd)
+        : rmsprop_tensor<uint16_t, false>(p, g, s, c, n, a, b, e, l, wd);
+    } else {
+      const float* g = grads[t].data_ptr<float>();
+      c ? rmsprop_tensor<float, true>(p, g, s, c, n, a, b, e, l, wd)
+        : rmsprop_tensor<float, false>(p, g, s, c, n, a, b, e, l, wd);
+    }
   }
 }
 

@@ -138,31 +138,102 @@ class FusedRMSprop(_Eager, torch.optim.RMSprop):
     """torch.optim.RMSprop whose step is one native pass over each tensor on CPU (lenet5.native),
     where PyTorch makes five: the same update, state and state_dict, to float rounding. Anything the
     pass does not cover (momentum, centring, maximize, a closure, GPU tensors, no compiler) takes
-    RMSprop's own step."""
+    RMSprop's own step.
+
+    For bf16 training it can also keep each weight's bfloat16 copy (`keep_bf16_copies`), written by
+    the same pass, so that autocast need not cast the weights to bfloat16 and their gradients back
+    every step."""
+
+    _copies: dict[torch.Tensor, torch.Tensor] | None = None
+    _synced: dict[torch.Tensor, int]
+
+    def keep_bf16_copies(self) -> dict[torch.Tensor, torch.Tensor] | None:
+        """Keep a bfloat16 copy of every parameter from now on: {parameter: copy}, or None where the
+        native pass cannot take this optimizer's steps (its options, the device, no compiler).
+
+        The forward and backward passes are to run on the copies (lenet5.train.step puts them in
+        the model's place), whose gradients, bfloat16, are what `step` then applies to the float32
+        weights; the step rewrites each copy from its new weight, rounded as `.to(torch.bfloat16)`
+        rounds, so the arithmetic is autocast's own. `sync_copies` refreshes a copy whose weight
+        was changed by anything else (a checkpoint loaded, say)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(g["momentum"] or g["centered"] or g["maximize"] or g["differentiable"] or g["capturable"]
+               for g in self.param_groups) or len(set(params)) != len(params):
+            return None
+        copies = {p: p.detach().to(torch.bfloat16).requires_grad_() for p in params}  # keeps channels_last
+        if not native.rmsprop_applies(params, list(copies.values()), [torch.zeros_like(p) for p in params],
+                                      list(copies.values())):
+            return None
+        self._copies, self._synced = copies, {p: p._version for p in params}
+        return copies
+
+    @torch.no_grad()
+    def sync_copies(self) -> None:
+        """Bring up to date the copy of every weight changed in place since the copy was written (the
+        native pass writes weights without touching their version counters, other changes count)."""
+        for p, copy in (self._copies or {}).items():
+            if p._version != self._synced[p]:
+                copy.copy_(p)
+                self._synced[p] = p._version
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for copy in (self._copies or {}).values():
+            if copy.grad is not None:
+                if set_to_none:
+                    copy.grad = None
+                else:
+                    copy.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._copies is not None:
+            return self._step_on_copies(closure)
         if closure is not None or any(g["momentum"] or g["centered"] or g["maximize"] or g["differentiable"]
                                       or g["capturable"] for g in self.param_groups):
             return self._pytorch_step(closure)
         groups = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if not self.state[p]:  # as RMSprop initialises it (no momentum, not centred)
-                    self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
-                    self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             grads = [p.grad for p in params]
-            averages = [self.state[p]["square_avg"] for p in params]
+            averages = self._averages(params)
             if not native.rmsprop_applies(params, grads, averages):
                 return self._pytorch_step()
-            groups.append((group, params, grads, averages))
-        for group, params, grads, averages in groups:
-            native.rmsprop_step(params, grads, averages, lr=float(group["lr"]), alpha=group["alpha"],
-                                eps=group["eps"], weight_decay=group["weight_decay"])
-            for p in params:
-                self.state[p]["step"] += 1
+            groups.append((group, params, grads, averages, None))
+        self._apply(groups)
         return None
+
+    def _step_on_copies(self, closure):
+        if closure is not None:
+            raise ValueError("FusedRMSprop: a closure cannot run on the bfloat16 copies")
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self._copies[p].grad is not None]
+            copies = [self._copies[p] for p in params]
+            grads = [c.grad for c in copies]
+            averages = self._averages(params)
+            if not native.rmsprop_applies(params, grads, averages, copies):
+                raise RuntimeError("FusedRMSprop: the native pass no longer applies to the bfloat16 copies "
+                                   "(a gradient of another dtype or layout)")
+            groups.append((group, params, grads, averages, copies))
+        self._apply(groups)
+        return None
+
+    def _averages(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        for p in params:
+            if not self.state[p]:  # as RMSprop initialises it (no momentum, not centred)
+                self.state[p]["step"] = torch.zeros((), dtype=_scalar_dtype())
+                self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [self.state[p]["square_avg"] for p in params]
+
+    def _apply(self, groups: list) -> None:
+        for group, params, grads, averages, copies in groups:
+            if not params:
+                continue
+            native.rmsprop_step(params, grads, averages, copies, lr=float(group["lr"]), alpha=group["alpha"],
+                                eps=group["eps"], weight_decay=group["weight_decay"])
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1)  # one call, not one per tensor
+
 
 def _scalar_dtype() -> torch.dtype:
     """The dtype torch.optim keeps a step count in (float32, or float64 under a float64 default)."""
