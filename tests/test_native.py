@@ -321,3 +321,73 @@ def test_the_cache_key_sees_the_include_paths_the_build_uses():
 
     assert build._include_dirs(exact=False) == build._include_dirs(exact=True)
 
+
+
+def pool_input(shape, dtype) -> torch.Tensor:
+    """Values on a coarse grid (many ties within a window, zeros, negatives) with a NaN and -inf."""
+    torch.manual_seed(2)
+    x = (torch.randint(-3, 4, shape) * 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 5, 4] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 20, 28, 28), (2, 50, 14, 14), (2, 7, 6, 10)])
+def test_relu_max_pool_is_pytorchs_bit_for_bit(kernels, dtype, shape):
+    """Values, and where each gradient goes among tied maxima: as relu(max_pool2d(x, 2, 2))."""
+    x = pool_input(shape, dtype)
+    assert native.relu_max_pool_applies(x)
+    ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = native.relu_max_pool(ours_x)
+    theirs = F.relu(F.max_pool2d(theirs_x, 2, 2))
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    grad = torch.randn(theirs.shape).to(dtype)  # NCHW-contiguous, as a flatten's backward gives it
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert ours_x.grad.dtype == dtype
+    torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=0, atol=0, equal_nan=True)
+    assert (theirs_x.grad != 0).sum() > 0  # gradients reached the input at all
+
+
+def test_relu_max_pool_leaves_other_tensors_to_pytorch(kernels):
+    x = pool_input((2, 4, 8, 8), torch.float32)
+    assert not native.relu_max_pool_applies(x.contiguous())  # NCHW with 4 channels: another layout
+    assert not native.relu_max_pool_applies(x[:, :, :7, :7].contiguous(memory_format=torch.channels_last))  # odd
+    assert not native.relu_max_pool_applies(x.double().contiguous(memory_format=torch.channels_last))
+    with native.disabled():
+        assert not native.relu_max_pool_applies(x)
+    with pytest.raises(RuntimeError, match="even"):
+        torch.ops.lenet5_native.relu_max_pool_forward(x[:, :, :7, :7].contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="channels_last"):
+        torch.ops.lenet5_native.relu_max_pool_forward(x.contiguous())
+    y, which = torch.ops.lenet5_native.relu_max_pool_forward(x)
+    with pytest.raises(RuntimeError, match="do not match"):
+        torch.ops.lenet5_native.relu_max_pool_backward(torch.ones_like(y), which[:1])
+
+
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet-valid"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_models_with_max_pooling_train_the_same_with_the_native_kernel(kernels, mnist, name, precision,
+                                                                      monkeypatch):
+    """A training step's outputs and gradients with the kernel and without it (fp32, and under bf16
+    autocast), on channels_last weights as training keeps them."""
+    torch.manual_seed(0)
+    model = create_model(name).to(memory_format=torch.channels_last)
+    x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
+    calls = []
+    original = native.relu_max_pool
+    monkeypatch.setattr(native, "relu_max_pool", lambda t: calls.append(t.dtype) or original(t))
+    runs = []
+    for context in (contextlib.nullcontext(), native.disabled()):
+        model.zero_grad()
+        with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outputs = model(x)
+        model.loss(outputs.float(), y).backward()
+        runs.append((outputs.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert calls == [torch.bfloat16 if precision == "bf16" else torch.float32] * 2  # both stages, native once
+    (out_a, grads_a), (out_b, grads_b) = runs
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)

@@ -56,9 +56,13 @@ def conv_relu_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     Speed trick: ReLU is monotonic, so both orders give the same values and the same gradients
     (a window's maximum is positive in both or in neither), and pooling first runs the ReLU and
     its backward on a quarter of the values. Tested against the Sequential order for every model
-    that uses it.
+    that uses it. On a CPU both run as one native kernel, forward and backward (lenet5.native),
+    where the layout and shape allow.
     """
-    return F.relu(F.max_pool2d(conv(x), 2, 2))
+    x = conv(x)
+    if native.relu_max_pool_applies(x):
+        return native.relu_max_pool(x)
+    return F.relu(F.max_pool2d(x, 2, 2))
 
 
 def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Fused native CPU kernels: LeNet-5's small convolutions (conv + tanh + 2x2 average pooling), and
-RMSprop's update in one pass (the blog post's optimizer).
+"""Fused native CPU kernels: LeNet-5's small convolutions (conv + tanh + 2x2 average pooling),
+keras-lenet's 2x2 max pooling with its ReLU, and RMSprop's update in one pass (the blog post's
+optimizer).
 
 oneDNN runs LeNet-5's 1->6 and 6->16 channel 5x5 convolutions at a fraction of the CPU's fp32
 peak, and tanh and pooling each add a pass over memory. `conv_tanh_pool` does all three in one
@@ -131,6 +132,43 @@ def conv_tanh_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # Inside Function.forward grad mode is off, so whether to keep what backward needs is decided here.
     save = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or conv.bias.requires_grad)
     return _ConvTanhPool.apply(x, conv.weight, conv.bias, conv.padding[0], save)
+
+
+class _ReluMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y, which = _ops().relu_max_pool_forward(x)
+        ctx.save_for_backward(which)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (which,) = ctx.saved_tensors
+        # the next layer's gradient may come back in another layout (a flatten reads NCHW order)
+        return _ops().relu_max_pool_backward(grad.contiguous(memory_format=torch.channels_last), which)
+
+
+def relu_max_pool_applies(x: torch.Tensor) -> bool:
+    """Whether the native kernel can compute relu(max_pool2d(x, 2, 2)) for this tensor: a CPU
+    float32 or bfloat16 channels_last batch of even height and width, no tracer, exporter, compiler
+    or torch.func transform watching; and the kernels loaded."""
+    if getattr(_disabled, "on", False):
+        return False
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4 \
+            or x.shape[2] % 2 or x.shape[3] % 2 or 0 in x.shape \
+            or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return available()
+
+
+def relu_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """relu(max_pool2d(x, 2, 2)) by the native kernel, forward and backward; the caller checks
+    `relu_max_pool_applies` first."""
+    return _ReluMaxPool.apply(x)
 
 
 def _dense(t: torch.Tensor) -> bool:
