@@ -212,3 +212,38 @@ def test_label_smoothing_and_ema_are_checked():
         TrainConfig(ema=1.0)
     with pytest.raises(ConfigError, match=r"--label-smoothing must be in \[0, 1\)"):
         TrainConfig(label_smoothing=-0.1)
+
+
+class Steps(Callback):
+    """Records each epoch's announced step count."""
+
+    def __init__(self):
+        self.announced = []
+
+    def on_epoch_begin(self, epoch, epochs, steps):
+        self.announced.append(steps)
+
+
+def test_epoch_repeats_sweep_the_training_set_several_times_per_epoch(mnist, tmp_path):
+    """--epoch-repeats K: an epoch is K sweeps, each its own shuffle; per-epoch schedules count epochs."""
+    from lenet5.train.loop import epoch_order, epoch_permutation
+
+    assert torch.equal(epoch_order(7, 2, 50), epoch_permutation(7, 2, 50))  # one sweep: as before
+    order = epoch_order(7, 2, 50, 3)
+    sweeps = order.view(3, 50)
+    assert all(torch.equal(s.sort().values, torch.arange(50)) for s in sweeps)  # each a permutation
+    assert not torch.equal(sweeps[0], sweeps[1]) and not torch.equal(epoch_order(7, 3, 50, 3), order)
+    with pytest.raises(ConfigError, match="epoch-repeats"):
+        TrainConfig(epoch_repeats=0).validate()
+    with pytest.raises(ConfigError, match="epoch-repeats"):
+        TrainConfig(epoch_repeats=101).validate()
+    from lenet5.run_folder import RunFolder
+
+    steps = Steps()
+    config = TrainConfig(model="lenet5", optimizer="adam", lr=2e-3, schedule="step", gamma=0.5, batch_size=100,
+                         epochs=2, epoch_repeats=3, train_samples=500, test_samples=200, threads=1)
+    result = fit(config, mnist, tmp_path / "run", callbacks=[steps])
+    assert steps.announced == [15, 15]  # 3 x 500 images in batches of 100, per epoch
+    assert [r["lr"] for r in result.history] == [2e-3, 1e-3]  # the step schedule decays once per epoch
+    state = RunFolder(tmp_path / "run").load_commit()
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {30}  # 2 epochs x 15 steps

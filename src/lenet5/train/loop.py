@@ -92,6 +92,12 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def epoch_order(seed: int, epoch: int, n: int, repeats: int = 1) -> torch.Tensor:
+    """The order of an epoch's `repeats` sweeps over `n` images, each its own shuffle (with one
+    sweep, `epoch_permutation`'s)."""
+    return torch.cat([epoch_permutation(seed, epoch * repeats + r, n) for r in range(repeats)])
+
+
 def split_validation(train: Split, n: int) -> tuple[Split, Split | None]:
     """Hold out `n` of the training images, drawn by a fixed seeded permutation: (train, validation)."""
     if n <= 0:
@@ -170,7 +176,8 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     outliers = load_outliers(config.outliers, config.outlier_weight, data.classes, device, announce=(
         lambda path: print(f"making the non-digits to train on, once (about a minute): {path}", file=sys.stderr,
                            flush=True)) if world.is_main else None)
-    step = TrainStep.build(config, device, steps_per_epoch(len(splits.train), config.batch_size), world=world,
+    step = TrainStep.build(config, device, steps_per_epoch(len(splits.train) * config.epoch_repeats, config.batch_size),
+                           world=world,
                            governor=governor, augment=augment, data=data, outliers=outliers)
     if world.distributed:  # distortions draw from the global generator: a different stream per rank
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
@@ -185,7 +192,7 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     if history and config.stop_at and history[-1][selection_key(history)] >= config.stop_at:
         epochs = len(history)  # a run that reached --stop-at is finished
     if len(history) < epochs:
-        last = len(splits.train) % config.batch_size
+        last = len(splits.train) * config.epoch_repeats % config.batch_size
         step.warm_up(splits.train, [config.batch_size] + ([last] if last else []))  # outliers added to each
     for epoch in range(len(history), epochs):
         record = _train_and_evaluate(step, splits, config, epoch, callbacks)
@@ -284,7 +291,8 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
     """One epoch: train on a seeded shuffle, then measure; returns the epoch's history record."""
     train, device = splits.train, splits.train.images.device
     for cb in callbacks:
-        cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch(len(train), config.batch_size))
+        cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch(len(train) * config.epoch_repeats,
+                                                                    config.batch_size))
     started = time.perf_counter()
     lr = step.optimizer.param_groups[0]["lr"]
     if isinstance(step.optimizer, SDLM):
@@ -292,7 +300,7 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
         # (the same samples on every rank, so every rank gets the same estimate).
         sample = epoch_permutation(config.seed + 1, epoch, len(train))[: config.hessian_samples].to(device)
         step.optimizer.set_hessian(diagonal_hessian(step.model, train.images[sample]))
-    order = epoch_permutation(config.seed, epoch, len(train)).to(device)
+    order = epoch_order(config.seed, epoch, len(train), config.epoch_repeats).to(device)
     if perpattern.applies(step.model, step.optimizer, config.batch_size, device, step.world.distributed,
                           step.precision.precision) and config.augment == "none" and not config.flip \
             and step.outliers is None:  # the pass knows the paper's distortions, not the other transforms
