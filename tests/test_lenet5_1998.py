@@ -17,7 +17,7 @@ from lenet5.data.transforms import to_model_input
 from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
-from lenet5.reproduce import (DISTORTION_STRENGTH, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config,
+from lenet5.reproduce import (DISTORTION_SHARE, DISTORTION_STRENGTH, DISTORTION_SWEEPS, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config,
                               reproduce_lecun1998, write_seed_summary)
 from lenet5.train import TrainConfig, TrainingError, fit
 from lenet5.train.optim import lr_multiplier
@@ -164,7 +164,9 @@ def test_the_per_pattern_cap_is_too_large_for_batches_of_16(mnist, tmp_path):
     assert (per_pattern.lr, per_pattern.schedule) == (ETA_PER_SAMPLE, "lecun1998-capped")
     assert (batched.lr, batched.schedule) == (16 * ETA_PER_SAMPLE_BATCHED, "lecun1998")
     distorted = lecun1998_config(distortions=True), lecun1998_config(distortions=True, batch_size=16)
-    assert [(c.distort, c.distort_strength) for c in distorted] == [(True, DISTORTION_STRENGTH), (True, 1.0)]
+    assert [(c.distort, c.distort_strength, c.distort_share, c.epoch_repeats) for c in distorted] == [
+        (True, DISTORTION_STRENGTH, DISTORTION_SHARE, DISTORTION_SWEEPS), (True, 1.0, 1.0, 1)]
+    assert (per_pattern.distort_share, per_pattern.epoch_repeats) == (1.0, 1)  # plain: as the paper's plain pass
     assert fit(config, mnist, tmp_path / "run").history[0]["test_acc"] < 0.5
 
 
@@ -240,20 +242,24 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     assert capsys.readouterr().out.count("done before") == 2
     assert main(args) == 2  # the folder is taken
     assert "already exists and is not empty" in capsys.readouterr().err
-    # A plan made before the recipe's distortions changed strength cannot be continued by this version,
+    # A plan made before the recipe's distortions changed cannot be continued by this version,
     plan = json.loads((tmp_path / "two" / "seeds.json").read_text())
-    assert plan["distort_strength"] == 1.0  # plain: no distortions
+    assert (plan["distort_strength"], plan["distort_share"], plan["epoch_repeats"]) == (1.0, 1.0, 1)  # plain
     plan.update(distortions=True)
-    del plan["distort_strength"]  # as plans made before the option were written
+    for key in ("distort_strength", "distort_share", "epoch_repeats"):
+        del plan[key]  # as plans made before the options were written
     (tmp_path / "two" / "seeds.json").write_text(json.dumps(plan))
     assert main(["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
                  "--offline"]) == 2
-    assert f"at 1x the ranges, and this version's recipe uses {DISTORTION_STRENGTH:g}x" in capsys.readouterr().err
-    # and seeds that ran at different strengths make no summary.
+    assert (f"at 1x lenet5.data.distort's ranges, and this version's recipe uses {DISTORTION_STRENGTH:g}x "
+            f"lenet5.data.distort's ranges on 90% of the digits, 10 sweeps a pass") in capsys.readouterr().err
+    # and seeds that ran with different distortions make no summary.
     runs = {k: tmp_path / "two" / f"seed-{k}" for k in (5, 6)}
-    for k, strength in ((5, 1.0), (6, 0.5)):
+    for k, changes in ((5, {"distort_strength": 1.0}), (6, {"distort_strength": 1.0, "epoch_repeats": 10})):
         config = json.loads((runs[k] / "config.json").read_text())
-        (runs[k] / "config.json").write_text(json.dumps({**config, "distort": True, "distort_strength": strength}))
-    with pytest.raises(TrainingError, match="different strengths"):
+        (runs[k] / "config.json").write_text(json.dumps({**config, "distort": True, **changes}))
+    with pytest.raises(TrainingError, match="different distortions .*10 sweeps a pass"):
         write_seed_summary(tmp_path / "two", runs, distortions=True, command="test")
-    assert write_seed_summary(tmp_path / "two", {5: runs[5]}, distortions=True, command="test")["distort_strength"] == 1
+    summary = write_seed_summary(tmp_path / "two", {6: runs[6]}, distortions=True, command="test")
+    assert summary["distortion"] == {"distort_strength": 1.0, "distort_share": 1.0, "epoch_repeats": 10}
+    assert "(1x lenet5.data.distort's ranges, 10 sweeps a pass)" in (tmp_path / "two" / "summary.md").read_text()

@@ -58,6 +58,9 @@ CANDIDATES = {
     # the paper's pass with distortions: its 60,000 digits and 540,000 distorted ones, 10x ours (issue 13)
     "capped at 2e-5, 10 sweeps a pass, distortions on 90% of the digits": (
         f"{CAPPED} --lr 2e-5 --distort --distort-share 0.9 --epoch-repeats 10", range(2)),
+    "capped at 2e-5, 10 sweeps a pass, distortions x 0.5 on 90% of the digits": (
+        f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5 --distort-share 0.9 --epoch-repeats 10", range(2)),
+    "capped at 2e-5, 10 sweeps a pass, distortions": (f"{CAPPED} --lr 2e-5 --distort --epoch-repeats 10", range(2)),
 }
 
 

@@ -264,18 +264,19 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lenet5.reproduce import lecun1998_config, write_seed_summary
+    from lenet5.reproduce import describe_distortions, distortion_recipe, lecun1998_config, write_seed_summary
 
-    def strength(distortions: bool, batch_size: int) -> float:  # what this version's recipe distorts by
-        return lecun1998_config(distortions=distortions, batch_size=batch_size).distort_strength
+    def recipe(distortions: bool, batch_size: int) -> dict[str, float]:  # how this version's recipe distorts
+        return distortion_recipe(lecun1998_config(distortions=distortions, batch_size=batch_size))
 
     if args.resume:
         parent = args.resume
         plan = json.loads((parent / SEEDS_FILE).read_text())
-        planned, now = plan.get("distort_strength", 1.0), strength(plan["distortions"], plan["batch_size"])
-        if planned != now:  # the seeds still to start would run another recipe than those before
-            raise ConfigError(f"{parent}: its seeds were planned with distortions at {planned:g}x the ranges, and "
-                              f"this version's recipe uses {now:g}x; start a new multi-seed run instead")
+        planned, now = distortion_recipe(plan), recipe(plan["distortions"], plan["batch_size"])
+        if plan["distortions"] and planned != now:  # the seeds still to start would run another recipe
+            raise ConfigError(f"{parent}: its seeds were planned with distortions at {describe_distortions(planned)}, "
+                              f"and this version's recipe uses {describe_distortions(now)}; start a new multi-seed "
+                              f"run instead")
     else:
         mode = "distortions" if args.distortions else "plain"
         parent = args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}-{args.seeds}-seeds")
@@ -285,7 +286,7 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
         plan = {"seeds": list(range(args.seed, args.seed + args.seeds)), "distortions": args.distortions,
                 "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
                 "threads": args.threads or (1 if args.jobs > 1 else 0),
-                "distort_strength": strength(args.distortions, args.batch_size)}
+                **recipe(args.distortions, args.batch_size)}
         parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(parent / SEEDS_FILE, json.dumps(plan, indent=2) + "\n")
     data_dir = load_data(args).root  # fetched and verified once; the children read it offline

@@ -55,6 +55,28 @@ ETA_PER_SAMPLE_BATCHED = 1e-5
 # share of undistorted digits (docs/results/lecun1998-rate/): the per-pattern recipe uses it. The
 # mini-batch variant keeps the full ranges, as it keeps its rate: the search did not cover it.
 DISTORTION_STRENGTH = 0.5
+# The paper's pass with distortions went over its 60,000 digits and 540,000 distorted ones (the
+# same schedule, section III.C.1): ten times the patterns of a pass without them. The per-pattern
+# recipe's pass is so: ten sweeps over the training digits (`--epoch-repeats`), with a tenth of the
+# digits left undistorted in each (`--distort-share 0.9`), fresh distortions every sweep.
+DISTORTION_SHARE = 0.9
+DISTORTION_SWEEPS = 10
+# What a distortion recipe is made of, as TrainConfig names it, with the values of runs made before
+# a field existed (a multi-seed plan or a seed's config.json written by an older version).
+DISTORTION_FIELDS = {"distort_strength": 1.0, "distort_share": 1.0, "epoch_repeats": 1}
+
+
+def distortion_recipe(config: TrainConfig | dict[str, Any]) -> dict[str, float]:
+    """The distortion settings of a config (a TrainConfig or its JSON), missing ones at their old values."""
+    values = config.to_dict() if isinstance(config, TrainConfig) else config
+    return {k: values.get(k, default) for k, default in DISTORTION_FIELDS.items()}
+
+
+def describe_distortions(recipe: dict[str, float]) -> str:
+    """One line: '0.5x lenet5.data.distort's ranges on 90% of the digits, 10 sweeps a pass'."""
+    share = f" on {recipe['distort_share']:.0%} of the digits" if recipe["distort_share"] < 1 else ""
+    sweeps = f", {recipe['epoch_repeats']:g} sweeps a pass" if recipe["epoch_repeats"] > 1 else ""
+    return f"{recipe['distort_strength']:g}x lenet5.data.distort's ranges{share}{sweeps}"
 
 
 def lecun1998_config(*, distortions: bool = False, batch_size: int = 1, epochs: int = 20, seed: int = 0,
@@ -62,10 +84,13 @@ def lecun1998_config(*, distortions: bool = False, batch_size: int = 1, epochs: 
     if batch_size == 1 and device == "auto":
         device = "cpu"  # one pattern per update is launch-bound on a GPU; the CPU has the native pass
     eta, schedule = (ETA_PER_SAMPLE, "lecun1998-capped") if batch_size == 1 else (ETA_PER_SAMPLE_BATCHED, "lecun1998")
-    strength = DISTORTION_STRENGTH if distortions and batch_size == 1 else 1.0
+    per_pattern = distortions and batch_size == 1
     return TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=eta * batch_size, mu=0.02, hessian_samples=500,
                        schedule=schedule, batch_size=batch_size, epochs=epochs, distort=distortions,
-                       distort_strength=strength, eval_train=True, seed=seed, threads=threads, device=device)
+                       distort_strength=DISTORTION_STRENGTH if per_pattern else 1.0,
+                       distort_share=DISTORTION_SHARE if per_pattern else 1.0,
+                       epoch_repeats=DISTORTION_SWEEPS if per_pattern else 1,
+                       eval_train=True, seed=seed, threads=threads, device=device)
 
 
 @torch.no_grad()
@@ -95,9 +120,12 @@ def _schedule_text(config: TrainConfig) -> str:
 def _distortion_text(config: TrainConfig) -> str:
     ranges = DEFAULT_RANGES.scaled(config.distort_strength)
     share = f"{config.distort_share:.0%} of the training digits" if config.distort_share < 1 else "every training digit"
+    sweeps = (f" Each pass goes over the training digits {config.epoch_repeats} times, each time in a new order and "
+              f"with new distortions" + (" (the paper's pass: 60,000 digits and 540,000 distorted ones)."
+                                         if config.epoch_repeats == 10 else ".")) if config.epoch_repeats > 1 else ""
     return (f"Distortions: a random planar affine map of {share}, drawn anew every pass: shift "
             f"+-{ranges.translate:g} px, scale and squeeze 1 +- {ranges.scale:g} and {ranges.squeeze:g}, shear "
-            f"+-{ranges.shear:g} ({config.distort_strength:g} x lenet5.data.distort's ranges).")
+            f"+-{ranges.shear:g} ({config.distort_strength:g} x lenet5.data.distort's ranges).{sweeps}")
 
 
 def write_report(result: FitResult, mnist: MNIST, config: TrainConfig, *, command: str,
@@ -182,18 +210,20 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
         errors.append(1 - final["test_acc"])
         config = json.loads((run_dir / "config.json").read_text())
         rows.append({"seed": seed, "run": run_dir.name, "passes": len(history), "test_error": 1 - final["test_acc"],
-                     "distort_strength": config.get("distort_strength", 1.0) if distortions else None,
+                     "distortion": distortion_recipe(config) if distortions else None,
                      "train_error": 1 - final["train_eval_acc"] if "train_eval_acc" in final else None,
                      "seconds": sum(r["seconds"] for r in history)})
     stats = seed_statistics(errors)
     paper = PAPER_TEST_ERROR[distortions]
-    strengths = sorted({r["distort_strength"] for r in rows if distortions})
-    if len(strengths) > 1:
-        raise TrainingError(f"{parent}: the seeds ran with distortions of different strengths ({strengths}); "
+    recipes = {json.dumps(r["distortion"], sort_keys=True) for r in rows if distortions}
+    if len(recipes) > 1:
+        raise TrainingError(f"{parent}: the seeds ran with different distortions "
+                            f"({'; '.join(describe_distortions(json.loads(r)) for r in sorted(recipes))}); "
                             f"their errors do not make one figure")
-    summary = {"recipe": "lecun1998", "distortions": distortions,
-               "distort_strength": strengths[0] if strengths else None, "paper_test_error": paper, **stats,
-               "runs": rows, "command": command}
+    recipe = json.loads(recipes.pop()) if recipes else None
+    summary = {"recipe": "lecun1998", "distortions": distortions, "distortion": recipe,
+               "distort_strength": recipe["distort_strength"] if recipe else None, "paper_test_error": paper,
+               **stats, "runs": rows, "command": command}
     atomic_write_text(parent / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def percent(value: float | None) -> str:
@@ -202,7 +232,7 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
     table = "\n".join(f"| {r['seed']} | {r['passes']} | {percent(r['test_error'])} | {percent(r['train_error'])} | "
                       f"{r['seconds'] / 60:.1f} |" for r in rows)
     verdict = "at or below" if stats["mean"] <= paper + 1e-12 else "above"
-    strength = f" ({strengths[0]:g}x lenet5.data.distort's ranges)" if strengths else ""
+    strength = f" ({describe_distortions(recipe)})" if recipe else ""
     text = f"""# LeNet-5 (1998) reproduction{' with distortions' + strength if distortions else ''}: {len(rows)} seeds
 
 ```sh
