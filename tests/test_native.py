@@ -329,6 +329,7 @@ def pool_input(shape, dtype) -> torch.Tensor:
     x = (torch.randint(-3, 4, shape) * 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
     x[0, 1, 2, 3] = float("nan")
     x[1, 0, 5, 4] = float("-inf")
+    x[0, 2, 0:2, 0:2] = torch.tensor([[-0.0, -1.0], [-0.5, -1.0]])  # a window whose maximum is -0.0
     return x
 
 
@@ -343,6 +344,8 @@ def test_relu_max_pool_is_pytorchs_bit_for_bit(kernels, dtype, shape):
     theirs = F.relu(F.max_pool2d(theirs_x, 2, 2))
     assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    numbers = ~theirs.isnan()  # NaN's own bits differ between torch's float32 and bfloat16 kernels
+    assert torch.equal(ours.signbit()[numbers], theirs.signbit()[numbers]) and ours[0, 2, 0, 0].signbit()  # relu(-0.0)
     grad = torch.randn(theirs.shape).to(dtype)  # NCHW-contiguous, as a flatten's backward gives it
     ours.backward(grad)
     theirs.backward(grad)

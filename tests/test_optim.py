@@ -233,6 +233,11 @@ def test_the_copies_are_kept_only_where_the_native_pass_takes_every_step():
     assert step.forward is step.model  # Adam's step is ATen's fused kernel: autocast casts as before
     from lenet5.train.optim import FusedRMSprop
 
+    for name in ("robust-lenet", "lenet5-modern", "lenet5-1998"):  # batch norm, or layers of their own arithmetic
+        step = TrainStep.build(TrainConfig(model=name, optimizer="rmsprop", precision="bf16", batch_size=8),
+                               torch.device("cpu"), 100)
+        step.wrap(compile=False)
+        assert step.forward is step.model and step.optimizer._copies is None, name
     params = [torch.zeros(3, requires_grad=True)]
     assert FusedRMSprop(params, lr=1e-3, momentum=0.9).keep_bf16_copies() is None  # torch's own step
     from lenet5 import native

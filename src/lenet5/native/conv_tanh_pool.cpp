@@ -438,7 +438,7 @@ inline void max_window(const T* __restrict a, const T* __restrict b, const T* __
     best = td ? d[ch] : best;
     k = td ? T(3) : k;
     const bool passes = !(m <= 0.0f);  // relu's backward passes a gradient where its output is > 0 (or NaN)
-    y[ch] = passes ? best : T(0);
+    y[ch] = passes || m == 0.0f ? best : T(0);  // relu(-0.0) is -0.0 in ATen: the maximum itself
     which[ch] = passes ? k : T(4);
   }
 }

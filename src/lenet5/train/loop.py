@@ -229,10 +229,11 @@ def _splits(config: TrainConfig, data: Dataset, device: torch.device, world: Wor
     n, batch = len(splits.train), config.batch_size
     if batch > n:
         raise ConfigError(f"--batch-size {batch} is larger than the {n} training images")
-    if world.distributed and (batch < world.size or 0 < n % batch < world.size):
+    last = n * config.epoch_repeats % batch  # an epoch's last batch (K sweeps of n images)
+    if world.distributed and (batch < world.size or 0 < last < world.size):
         raise ConfigError(f"--batch-size {batch} is the global batch: every one of the {world.size} "
                           f"processes needs at least one image of every batch, including the last "
-                          f"({n % batch or batch} images)")
+                          f"({last or batch} images)")
     return splits
 
 

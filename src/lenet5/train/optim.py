@@ -160,7 +160,7 @@ class FusedRMSprop(_Eager, torch.optim.RMSprop):
         if any(g["momentum"] or g["centered"] or g["maximize"] or g["differentiable"] or g["capturable"]
                for g in self.param_groups) or len(set(params)) != len(params):
             return None
-        copies = {p: p.detach().to(torch.bfloat16).requires_grad_() for p in params}  # keeps channels_last
+        copies = {p: p.detach().to(torch.bfloat16).requires_grad_(p.requires_grad) for p in params}  # keeps channels_last
         if not native.rmsprop_applies(params, list(copies.values()), [torch.zeros_like(p) for p in params],
                                       list(copies.values())):
             return None

@@ -95,7 +95,8 @@ class TrainStep:
         bf16 on a CPU with RMSprop, run it on the optimizer's bfloat16 copies of the weights."""
         device = next(self.model.parameters()).device
         if not self.world.distributed and not compile and device.type == "cpu" \
-                and self.precision.precision == "bf16" and isinstance(self.optimizer, FusedRMSprop):
+                and self.precision.precision == "bf16" and isinstance(self.optimizer, FusedRMSprop) \
+                and _autocast_casts_every_weight(self.model):
             copies = self.optimizer.keep_bf16_copies()
             if copies is not None:
                 self.forward = bf16_copies(self.model, copies, self.optimizer.sync_copies)
@@ -210,6 +211,14 @@ def train_epoch(step: TrainStep, train: Split, batch_size: int, order: torch.Ten
     loss_sum, correct_sum, seen_sum = distributed.all_reduce_sum(
         loss_sum, correct.double(), torch.tensor(float(seen), device=device))
     return loss_sum.item() / seen_sum.item(), correct_sum.item() / seen_sum.item()
+
+
+def _autocast_casts_every_weight(model: torch.nn.Module) -> bool:
+    """Whether each of the model's parameters belongs to a convolution or linear layer, whose ops
+    autocast runs in bf16 (casting the weight): only then do bfloat16 copies give autocast's own
+    arithmetic. Batch norm, or a custom layer's float32 arithmetic, would get bf16 weights instead."""
+    return all(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules()
+               if next(m.parameters(recurse=False), None) is not None)
 
 
 def bf16_copies(model: torch.nn.Module, copies: dict[torch.Tensor, torch.Tensor],
