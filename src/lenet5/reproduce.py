@@ -120,9 +120,10 @@ def _schedule_text(config: TrainConfig) -> str:
 def _distortion_text(config: TrainConfig) -> str:
     ranges = DEFAULT_RANGES.scaled(config.distort_strength)
     share = f"{config.distort_share:.0%} of the training digits" if config.distort_share < 1 else "every training digit"
+    papers = config.epoch_repeats == 10 and config.distort_share == 0.9 and config.train_samples in (0, 60_000)
     sweeps = (f" Each pass goes over the training digits {config.epoch_repeats} times, each time in a new order and "
-              f"with new distortions" + (" (the paper's pass: 60,000 digits and 540,000 distorted ones)."
-                                         if config.epoch_repeats == 10 else ".")) if config.epoch_repeats > 1 else ""
+              f"with new distortions" + (" (as the paper's pass: 60,000 digits and 540,000 distorted ones)."
+                                         if papers else ".")) if config.epoch_repeats > 1 else ""
     return (f"Distortions: a random planar affine map of {share}, drawn anew every pass: shift "
             f"+-{ranges.translate:g} px, scale and squeeze 1 +- {ranges.scale:g} and {ranges.squeeze:g}, shear "
             f"+-{ranges.shear:g} ({config.distort_strength:g} x lenet5.data.distort's ranges).{sweeps}")
