@@ -55,8 +55,9 @@ ETA_PER_SAMPLE_BATCHED = 1e-5
 # share of undistorted digits (docs/results/lecun1998-rate/): the per-pattern recipe uses it. The
 # mini-batch variant keeps the full ranges, as it keeps its rate: the search did not cover it.
 DISTORTION_STRENGTH = 0.5
-# The paper's pass with distortions went over its 60,000 digits and 540,000 distorted ones (the
-# same schedule, section III.C.1): ten times the patterns of a pass without them. The per-pattern
+# The paper's distortion run trained on its 60,000 digits and 540,000 distorted ones; read with its
+# 20-pass schedule (it does not say how that set was scheduled), a pass held ten times the
+# patterns of a pass without them. The per-pattern
 # recipe's pass is so: ten sweeps over the training digits (`--epoch-repeats`), with a tenth of the
 # digits left undistorted in each (`--distort-share 0.9`), fresh distortions every sweep.
 DISTORTION_SHARE = 0.9
