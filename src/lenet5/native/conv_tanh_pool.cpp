@@ -455,22 +455,27 @@ inline void unpool_window(const T* __restrict g, const T* __restrict which, T* _
   }
 }
 
-// Chunks of V channels covering [0, C), the last one overlapping; with fewer than V channels, one
-// loop of variable length over all of them.
+// f(L, offset, count) over chunks of V channels covering [0, C), the last one overlapping the one
+// before (L = V, a compile-time trip count); with fewer than V channels, once over all of them
+// (L = 0: a loop of variable length).
+template <class F>
+inline void by_chunks(int64_t C, F&& f) {
+  if (C < V) return f(std::integral_constant<int, 0>{}, 0, C);
+  for (int64_t ch = 0;; ch += V) {
+    ch = std::min<int64_t>(ch, C - V);
+    f(std::integral_constant<int, V>{}, ch, V);
+    if (ch + V == C) break;
+  }
+}
+
 template <typename T>
 void relu_max_pool_rows(const T* __restrict x, T* __restrict y, T* __restrict which, int64_t C, int64_t W) {
   for (int64_t ow = 0; ow < W / 2; ++ow) {  // x: rows 2 oh and 2 oh + 1, [2][W][C]; y, which: [W / 2][C]
     const T *a = x + 2 * ow * C, *b = a + C, *c = a + W * C, *d = c + C;
     T *yo = y + ow * C, *wo = which + ow * C;
-    if (C < V) {
-      max_window<T, 0>(a, b, c, d, yo, wo, C);
-      continue;
-    }
-    for (int64_t ch = 0;; ch += V) {
-      ch = std::min<int64_t>(ch, C - V);
-      max_window<T, V>(a + ch, b + ch, c + ch, d + ch, yo + ch, wo + ch, V);
-      if (ch + V == C) break;
-    }
+    by_chunks(C, [&](auto L, int64_t ch, int64_t n) {
+      max_window<T, decltype(L)::value>(a + ch, b + ch, c + ch, d + ch, yo + ch, wo + ch, n);
+    });
   }
 }
 
@@ -480,15 +485,9 @@ void relu_max_pool_grad_rows(const T* __restrict g, const T* __restrict which, T
   for (int64_t ow = 0; ow < W / 2; ++ow) {
     const T *go = g + ow * C, *wo = which + ow * C;
     T *a = gx + 2 * ow * C, *b = a + C, *c = a + W * C, *d = c + C;
-    if (C < V) {
-      unpool_window<T, 0>(go, wo, a, b, c, d, C);
-      continue;
-    }
-    for (int64_t ch = 0;; ch += V) {
-      ch = std::min<int64_t>(ch, C - V);
-      unpool_window<T, V>(go + ch, wo + ch, a + ch, b + ch, c + ch, d + ch, V);
-      if (ch + V == C) break;
-    }
+    by_chunks(C, [&](auto L, int64_t ch, int64_t n) {
+      unpool_window<T, decltype(L)::value>(go + ch, wo + ch, a + ch, b + ch, c + ch, d + ch, n);
+    });
   }
 }
 
