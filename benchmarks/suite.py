@@ -46,7 +46,7 @@ import train_throughput  # noqa: E402  (this folder's script, reused for part 2)
 
 from lenet5.evaluate import EVAL_BATCH  # noqa: E402
 from lenet5.models import create_model  # noqa: E402
-from lenet5.hardware import EMULATE, choose_precision, cpu_class, usable_cores  # noqa: E402
+from lenet5.hardware import EMULATE, choose_precision, cpu_class, restart_emulating, usable_cores  # noqa: E402
 from lenet5.hardware import matmul_peak as hardware_matmul_peak  # noqa: E402
 from lenet5.runtime import cpu_model  # noqa: E402
 
@@ -411,9 +411,7 @@ def main() -> None:
                         "(oneDNN/ATen/MKL instruction-set caps; default: this CPU as it is)")
     parser.add_argument("--inference-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cpu_class and any(os.environ.get(k) != v for k, v in EMULATE[args.cpu_class].items()):
-        # The caps are read when torch loads: start again with them, so every part (and the peak) sees them.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[args.cpu_class]})
+    restart_emulating(args.cpu_class)  # so that every part (and the peak) runs under the class's caps
     args.fast_options = args.fast_options.split()
     if args.inference_worker:
         print(json.dumps(inference_worker(args.device)))

@@ -10,18 +10,15 @@ on the pixels); the fp32 matmul peak of the same run is printed with it.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-from lenet5.hardware import EMULATE
+from lenet5.hardware import EMULATE, restart_emulating
 
 if __name__ == "__main__" and "--cpu-class" in sys.argv:  # the caps must be in place before torch loads
-    cls = sys.argv[sys.argv.index("--cpu-class") + 1]
-    if any(os.environ.get(k) != v for k, v in EMULATE[cls].items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[cls]})
+    restart_emulating(sys.argv[sys.argv.index("--cpu-class") + 1])
 
 import torch  # noqa: E402
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +36,14 @@ EMULATE = {
 
 
 @lru_cache(maxsize=1)
+def restart_emulating(cls: str | None) -> None:
+    """Start this script again as a CPU of class `cls` (EMULATE's caps in its environment), unless
+    they are set already or `cls` is None; returns only then. The caps are read when torch loads,
+    so they must be in the environment from the process's start."""
+    if cls and any(os.environ.get(k) != v for k, v in EMULATE[cls].items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[cls]})
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:

@@ -98,6 +98,11 @@ def epoch_order(seed: int, epoch: int, n: int, repeats: int = 1) -> torch.Tensor
     return torch.cat([epoch_permutation(seed, epoch * repeats + r, n) for r in range(repeats)])
 
 
+def epoch_size(config: TrainConfig, n: int) -> int:
+    """The images an epoch trains on: `config.epoch_repeats` sweeps over `n`."""
+    return n * config.epoch_repeats
+
+
 def split_validation(train: Split, n: int) -> tuple[Split, Split | None]:
     """Hold out `n` of the training images, drawn by a fixed seeded permutation: (train, validation)."""
     if n <= 0:
@@ -176,9 +181,8 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     outliers = load_outliers(config.outliers, config.outlier_weight, data.classes, device, announce=(
         lambda path: print(f"making the non-digits to train on, once (about a minute): {path}", file=sys.stderr,
                            flush=True)) if world.is_main else None)
-    step = TrainStep.build(config, device, steps_per_epoch(len(splits.train) * config.epoch_repeats, config.batch_size),
-                           world=world,
-                           governor=governor, augment=augment, data=data, outliers=outliers)
+    step = TrainStep.build(config, device, steps_per_epoch(epoch_size(config, len(splits.train)), config.batch_size),
+                           world=world, governor=governor, augment=augment, data=data, outliers=outliers)
     if world.distributed:  # distortions draw from the global generator: a different stream per rank
         torch.manual_seed(config.seed * 1_000_003 + 7919 * world.rank)
     folder = RunFolder(run_dir)
@@ -192,7 +196,7 @@ def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[
     if history and config.stop_at and history[-1][selection_key(history)] >= config.stop_at:
         epochs = len(history)  # a run that reached --stop-at is finished
     if len(history) < epochs:
-        last = len(splits.train) * config.epoch_repeats % config.batch_size
+        last = epoch_size(config, len(splits.train)) % config.batch_size
         step.warm_up(splits.train, [config.batch_size] + ([last] if last else []))  # outliers added to each
     for epoch in range(len(history), epochs):
         record = _train_and_evaluate(step, splits, config, epoch, callbacks)
@@ -229,7 +233,7 @@ def _splits(config: TrainConfig, data: Dataset, device: torch.device, world: Wor
     n, batch = len(splits.train), config.batch_size
     if batch > n:
         raise ConfigError(f"--batch-size {batch} is larger than the {n} training images")
-    last = n * config.epoch_repeats % batch  # an epoch's last batch (K sweeps of n images)
+    last = epoch_size(config, n) % batch  # an epoch's last batch
     if world.distributed and (batch < world.size or 0 < last < world.size):
         raise ConfigError(f"--batch-size {batch} is the global batch: every one of the {world.size} "
                           f"processes needs at least one image of every batch, including the last "
@@ -292,8 +296,7 @@ def _train_and_evaluate(step: TrainStep, splits: Splits, config: TrainConfig, ep
     """One epoch: train on a seeded shuffle, then measure; returns the epoch's history record."""
     train, device = splits.train, splits.train.images.device
     for cb in callbacks:
-        cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch(len(train) * config.epoch_repeats,
-                                                                    config.batch_size))
+        cb.on_epoch_begin(epoch + 1, config.epochs, steps_per_epoch(epoch_size(config, len(train)), config.batch_size))
     started = time.perf_counter()
     lr = step.optimizer.param_groups[0]["lr"]
     if isinstance(step.optimizer, SDLM):
