@@ -263,3 +263,24 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     summary = write_seed_summary(tmp_path / "two", {6: runs[6]}, distortions=True, command="test")
     assert summary["distortion"] == {"distort_strength": 1.0, "distort_share": 1.0, "epoch_repeats": 10}
     assert "(1x lenet5.data.distort's ranges, 10 sweeps a pass)" in (tmp_path / "two" / "summary.md").read_text()
+
+
+def test_rbf_j_reaches_the_per_pattern_pass_and_the_checkpoint(mnist, tmp_path):
+    """--rbf-j sets eq. 9's constant for the native per-pattern pass and is kept in the checkpoint."""
+    from lenet5.checkpoint import load_checkpoint
+
+    with pytest.raises(ConfigError, match="--rbf-j is the constant of lenet5-1998's loss"):
+        TrainConfig(model="lenet5", rbf_j=1.0).validate()
+    for bad in (0.0, -1.0, 101.0):
+        with pytest.raises(ConfigError, match=r"--rbf-j must be in \(0, 100\]"):
+            dataclasses.replace(lecun1998_config(), rbf_j=bad).validate()
+    losses = {}
+    for j in (None, 0.1, 3.0):
+        config = dataclasses.replace(lecun1998_config(epochs=1), rbf_j=j, train_samples=300, test_samples=100,
+                                     hessian_samples=50, threads=1)
+        result = fit(config, mnist, tmp_path / f"j{j}")
+        losses[j] = result.history[0]["train_loss"]
+        checkpoint = load_checkpoint(tmp_path / f"j{j}")
+        assert checkpoint.model.j == (0.1 if j is None else j)
+    assert losses[None] == losses[0.1]  # the default is the paper-less 0.1, exactly
+    assert losses[3.0] != losses[0.1]

@@ -70,7 +70,7 @@ class ConsoleProgress(Callback):
         rev = f", git {env['git_revision']}" if env.get("git_revision") else ""
         where = env.get("gpu") or f"{env['cpu']}, {env['torch_threads']} threads"
         print(f"lenet5 {env['lenet5']}{rev} | torch {env['torch']} | {env['device']} ({where})")
-        model = create_model(config.model, num_classes=self.classes)
+        model = create_model(config.model, num_classes=self.classes, **config.model_args())
         extra = f" | {env['precision']}"
         if env.get("world_size"):
             extra += f" | {env['world_size']} processes ({env['backend']}), global batch"

@@ -58,6 +58,9 @@ class TrainConfig:
     rho: float = field(default=0.9, metadata=_opt("RMSprop decay of the squared-gradient average (Keras: 0.9)"))
     eps: float = field(default=1e-7, metadata=_opt("RMSprop/Adam epsilon (Keras: 1e-7)"))
     mu: float = field(default=0.02, metadata=_opt("SDLM: mu in the step lr / (mu + h_kk) (paper: 0.02)"))
+    rbf_j: float | None = field(default=None, metadata=_opt(
+        "lenet5-1998: the rubbish-class constant j of eq. 9, E = y_correct + log(e^-j + sum_i e^-y_i) (the paper "
+        "does not give it; default 0.1)"))
     hessian_samples: int = field(default=500, metadata=_opt(
         "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
     schedule: str = field(default="constant", metadata=_opt(
@@ -200,6 +203,10 @@ class TrainConfig:
             raise ConfigError(f"--outliers is a share of the batch in [0, 1], e.g. 0.25, got {self.outliers}")
         if self.outliers and not model_class(self.model).label_smoothing_ok:
             raise ConfigError(f"--outliers needs a model with logit outputs; {self.model}'s loss is its own")
+        if self.rbf_j is not None and self.model != "lenet5-1998":
+            raise ConfigError(f"--rbf-j is the constant of lenet5-1998's loss (eq. 9); {self.model} has no such loss")
+        if self.rbf_j is not None and not 0 < self.rbf_j <= 100:
+            raise ConfigError(f"--rbf-j must be in (0, 100], got {self.rbf_j}")
         if self.optimizer == "sdlm" and self.model != "lenet5-1998":
             raise ConfigError("--optimizer sdlm needs a model with a Gauss-Newton output: --model lenet5-1998")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
@@ -207,6 +214,10 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
                 or self.device == "mps"):
             raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+    def model_args(self) -> dict[str, Any]:
+        """The keyword arguments of `create_model` that come from options (besides the class count)."""
+        return {"j": self.rbf_j} if self.rbf_j is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -81,7 +81,7 @@ class TrainStep:
         ten digits by default), optimizer, schedule and precision of `config`."""
         torch.manual_seed(config.seed)
         classes = data.classes if data is not None else tuple(str(d) for d in range(10))
-        model = create_model(config.model, num_classes=len(classes)).to(device, memory_format=torch.channels_last)
+        model = create_model(config.model, num_classes=len(classes), **config.model_args()).to(device, memory_format=torch.channels_last)
         model.dataset, model.classes = (data.name, data.classes) if data is not None else ("mnist", classes)
         optimizer = build_optimizer(model.parameters(), config)
         scheduler = build_schedule(optimizer, config, steps_per_epoch)
