@@ -17,7 +17,8 @@ from lenet5.data.transforms import to_model_input
 from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
-from lenet5.reproduce import (DISTORTION_SHARE, DISTORTION_STRENGTH, DISTORTION_SWEEPS, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, lecun1998_config,
+from lenet5.reproduce import (DISTORTION_SHARE, DISTORTION_STRENGTH, DISTORTION_SWEEPS, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, RBF_J,
+                              lecun1998_config,
                               reproduce_lecun1998, write_seed_summary)
 from lenet5.train import TrainConfig, TrainingError, fit
 from lenet5.train.optim import lr_multiplier
@@ -167,6 +168,7 @@ def test_the_per_pattern_cap_is_too_large_for_batches_of_16(mnist, tmp_path):
     assert [(c.distort, c.distort_strength, c.distort_share, c.epoch_repeats) for c in distorted] == [
         (True, DISTORTION_STRENGTH, DISTORTION_SHARE, DISTORTION_SWEEPS), (True, 1.0, 1.0, 1)]
     assert (per_pattern.distort_share, per_pattern.epoch_repeats) == (1.0, 1)  # plain: as the paper's plain pass
+    assert [c.rbf_j for c in (per_pattern, batched, *distorted)] == [RBF_J[False], None, RBF_J[True], None]
     assert fit(config, mnist, tmp_path / "run").history[0]["test_acc"] < 0.5
 
 
@@ -245,24 +247,37 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     # A plan made before the recipe's distortions changed cannot be continued by this version,
     plan = json.loads((tmp_path / "two" / "seeds.json").read_text())
     assert (plan["distort_strength"], plan["distort_share"], plan["epoch_repeats"]) == (1.0, 1.0, 1)  # plain
+    assert plan["rbf_j"] == RBF_J[False] and summary["rbf_j"] == RBF_J[False]
+    assert f"Loss: eq. 9 with j = {RBF_J[False]:g}" in (tmp_path / "two" / "seed-5" / "report.md").read_text()
+    resume_args = ["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
+                   "--offline"]
+    (tmp_path / "two" / "seeds.json").write_text(json.dumps({**plan, "rbf_j": RBF_J[False] + 1}))
+    assert main(resume_args) == 2  # another j
+    assert f"planned with j = {RBF_J[False] + 1:g}, and this version's recipe uses j = {RBF_J[False]:g}" in (
+        capsys.readouterr().err)
     plan.update(distortions=True)
-    for key in ("distort_strength", "distort_share", "epoch_repeats"):
+    for key in ("rbf_j", "distort_strength", "distort_share", "epoch_repeats"):
         del plan[key]  # as plans made before the options were written
     (tmp_path / "two" / "seeds.json").write_text(json.dumps(plan))
-    assert main(["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
-                 "--offline"]) == 2
-    assert (f"at 1x lenet5.data.distort's ranges, and this version's recipe uses {DISTORTION_STRENGTH:g}x "
-            f"lenet5.data.distort's ranges on 90% of the digits, 10 sweeps a pass") in capsys.readouterr().err
-    # and seeds that ran with different distortions make no summary.
+    assert main(resume_args) == 2
+    assert (f"planned with j = 0.1, 1x lenet5.data.distort's ranges, and this version's recipe uses "
+            f"j = {RBF_J[True]:g}, {DISTORTION_STRENGTH:g}x lenet5.data.distort's ranges on 90% of the digits, "
+            f"10 sweeps a pass") in capsys.readouterr().err
+    # and seeds that ran with different recipes make no summary.
     runs = {k: tmp_path / "two" / f"seed-{k}" for k in (5, 6)}
     for k, changes in ((5, {"distort_strength": 1.0}), (6, {"distort_strength": 1.0, "epoch_repeats": 10})):
         config = json.loads((runs[k] / "config.json").read_text())
         (runs[k] / "config.json").write_text(json.dumps({**config, "distort": True, **changes}))
-    with pytest.raises(TrainingError, match="different distortions .*10 sweeps a pass"):
+    with pytest.raises(TrainingError, match="different recipes .*10 sweeps a pass"):
         write_seed_summary(tmp_path / "two", runs, distortions=True, command="test")
     summary = write_seed_summary(tmp_path / "two", {6: runs[6]}, distortions=True, command="test")
     assert summary["distortion"] == {"distort_strength": 1.0, "distort_share": 1.0, "epoch_repeats": 10}
-    assert "(1x lenet5.data.distort's ranges, 10 sweeps a pass)" in (tmp_path / "two" / "summary.md").read_text()
+    assert f"(j = {RBF_J[False]:g}, 1x lenet5.data.distort's ranges, 10 sweeps a pass)" in (
+        tmp_path / "two" / "summary.md").read_text()
+    config = json.loads((runs[5] / "config.json").read_text())
+    (runs[5] / "config.json").write_text(json.dumps({**config, "epoch_repeats": 10, "rbf_j": 7.0}))
+    with pytest.raises(TrainingError, match=f"different recipes \\(j = {RBF_J[False]:g}, .*; j = 7, "):
+        write_seed_summary(tmp_path / "two", runs, distortions=True, command="test")
 
 
 def test_rbf_j_reaches_the_per_pattern_pass_and_the_checkpoint(mnist, tmp_path):

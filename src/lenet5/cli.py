@@ -264,19 +264,19 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lenet5.reproduce import describe_distortions, distortion_recipe, lecun1998_config, write_seed_summary
+    from lenet5.reproduce import describe_recipe, lecun1998_config, recipe_settings, write_seed_summary
 
-    def recipe(distortions: bool, batch_size: int) -> dict[str, float]:  # how this version's recipe distorts
-        return distortion_recipe(lecun1998_config(distortions=distortions, batch_size=batch_size))
+    def recipe(distortions: bool, batch_size: int) -> dict[str, float]:  # this version's j and distortions
+        return recipe_settings(lecun1998_config(distortions=distortions, batch_size=batch_size))
 
     if args.resume:
         parent = args.resume
         plan = json.loads((parent / SEEDS_FILE).read_text())
-        planned, now = distortion_recipe(plan), recipe(plan["distortions"], plan["batch_size"])
-        if plan["distortions"] and planned != now:  # the seeds still to start would run another recipe
-            raise ConfigError(f"{parent}: its seeds were planned with distortions at {describe_distortions(planned)}, "
-                              f"and this version's recipe uses {describe_distortions(now)}; start a new multi-seed "
-                              f"run instead")
+        planned, now = recipe_settings(plan), recipe(plan["distortions"], plan["batch_size"])
+        if planned != now:  # the seeds still to start would run another recipe
+            raise ConfigError(f"{parent}: its seeds were planned with {describe_recipe(planned, plan['distortions'])}, "
+                              f"and this version's recipe uses {describe_recipe(now, plan['distortions'])}; start a "
+                              f"new multi-seed run instead")
     else:
         mode = "distortions" if args.distortions else "plain"
         parent = args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}-{args.seeds}-seeds")
