@@ -299,3 +299,20 @@ def test_rbf_j_reaches_the_per_pattern_pass_and_the_checkpoint(mnist, tmp_path):
         assert checkpoint.model.j == (0.1 if j is None else j)
     assert losses[None] == losses[0.1]  # the default is the paper-less 0.1, exactly
     assert losses[3.0] != losses[0.1]
+
+
+def test_rbf_codes_random_replaces_the_bitmaps(mnist, tmp_path):
+    """--rbf-codes random: section II.B's random +-1 codes instead of the digit bitmaps, kept in the checkpoint."""
+    from lenet5.checkpoint import load_checkpoint
+    from lenet5.models.lenet5_1998 import random_prototypes
+
+    with pytest.raises(ConfigError, match="--rbf-codes are the fixed codes of lenet5-1998's RBF output"):
+        TrainConfig(model="keras-lenet", rbf_codes="random").validate()
+    with pytest.raises(ValueError, match="codes must be one of bitmaps, random"):
+        create_model("lenet5-1998", codes="gray")
+    config = dataclasses.replace(lecun1998_config(epochs=1), rbf_codes="random", train_samples=300, test_samples=100,
+                                 hessian_samples=50, threads=1)
+    fit(config, mnist, tmp_path / "random")
+    model = load_checkpoint(tmp_path / "random").model
+    assert torch.equal(model.output.prototypes, random_prototypes(10))
+    assert not torch.equal(model.output.prototypes, rbf_prototypes())

@@ -67,6 +67,9 @@ CANDIDATES = {
     "capped at 2e-5, j = 1": (f"{CAPPED} --lr 2e-5 --rbf-j 1", range(5)),
     "capped at 2e-5, j = 3": (f"{CAPPED} --lr 2e-5 --rbf-j 3", range(5)),
     "capped at 2e-5, j = 10": (f"{CAPPED} --lr 2e-5 --rbf-j 10", range(5)),
+    # the RBF output's codes: random +-1 codes (section II.B) against our reading of the paper's bitmaps
+    "capped at 2e-5, random codes": (f"{CAPPED} --lr 2e-5 --rbf-codes random", range(5)),
+    "capped at 2e-5, j = 3, random codes": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --rbf-codes random", range(5)),
     "capped at 2e-5, 10 sweeps a pass, distortions x 0.5 on 90% of the digits, j = 3": (
         f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5 --distort-share 0.9 --epoch-repeats 10 --rbf-j 3", range(2)),
 }

@@ -167,6 +167,9 @@ DIGIT_BITMAPS = {
 }
 
 
+RBF_CODES = ("bitmaps", "random")  # the output's fixed codes: the paper's digit bitmaps, or random +-1 codes
+
+
 def rbf_prototypes() -> torch.Tensor:
     """The 10 fixed RBF parameter vectors (10, 84): the bitmaps above, row by row, as +1/-1."""
     rows = []
@@ -265,10 +268,12 @@ class LeNet5_1998(DigitClassifier):
     display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
     label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
-    def __init__(self, j: float = 0.1, num_classes: int = 10):
+    def __init__(self, j: float = 0.1, num_classes: int = 10, codes: str = "bitmaps"):
         super().__init__()
         if j <= 0:
             raise ValueError("j, the 'rubbish class' constant of eq. 9, must be positive")
+        if codes not in RBF_CODES:
+            raise ValueError(f"codes must be one of {', '.join(RBF_CODES)}, got {codes!r}")
         if not 2 <= num_classes <= 1000:
             raise ValueError(f"num_classes must be 2 to 1000, got {num_classes}")
         self.j = j
@@ -279,8 +284,9 @@ class LeNet5_1998(DigitClassifier):
         self.C5 = nn.Conv2d(16, 120, 5)  # (B, 120, 1, 1): a convolution, so larger inputs still work
         self.F6 = nn.Linear(120, 84)
         # Ten classes get the paper's digit bitmaps (for another ten-class set they are just ten
-        # distinct codes); any other count gets random codes, as section II.B allows.
-        self.output = EuclideanRBF(rbf_prototypes() if num_classes == 10 else random_prototypes(num_classes))
+        # distinct codes) unless codes="random"; any other count gets random codes, as section II.B allows.
+        bitmaps = num_classes == 10 and codes == "bitmaps"
+        self.output = EuclideanRBF(rbf_prototypes() if bitmaps else random_prototypes(num_classes))
         for layer, fan_in in ((self.C1, 25), (self.C5, 16 * 25), (self.F6, 120)):
             lecun_uniform_(layer.weight, fan_in)
             lecun_uniform_(layer.bias, fan_in)

@@ -61,6 +61,9 @@ class TrainConfig:
     rbf_j: float | None = field(default=None, metadata=_opt(
         "lenet5-1998: the rubbish-class constant j of eq. 9, E = y_correct + log(e^-j + sum_i e^-y_i) (the paper "
         "does not give it; default 0.1)"))
+    rbf_codes: str | None = field(default=None, metadata=_opt(
+        "lenet5-1998: the RBF output's fixed codes, the paper's 7x12 digit bitmaps or random +-1 codes (section "
+        "II.B allows either; default bitmaps)", choices=("bitmaps", "random")))
     hessian_samples: int = field(default=500, metadata=_opt(
         "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
     schedule: str = field(default="constant", metadata=_opt(
@@ -205,6 +208,10 @@ class TrainConfig:
             raise ConfigError(f"--outliers needs a model with logit outputs; {self.model}'s loss is its own")
         if self.rbf_j is not None and self.model != "lenet5-1998":
             raise ConfigError(f"--rbf-j is the constant of lenet5-1998's loss (eq. 9); {self.model} has no such loss")
+        if self.rbf_codes is not None and self.model != "lenet5-1998":
+            raise ConfigError(f"--rbf-codes are the fixed codes of lenet5-1998's RBF output; {self.model} has none")
+        if self.rbf_codes not in (None, "bitmaps", "random"):
+            raise ConfigError(f"--rbf-codes must be bitmaps or random, got {self.rbf_codes!r}")
         if self.rbf_j is not None and not 0 < self.rbf_j <= 100:
             raise ConfigError(f"--rbf-j must be in (0, 100], got {self.rbf_j}")
         if self.optimizer == "sdlm" and self.model != "lenet5-1998":
@@ -217,7 +224,8 @@ class TrainConfig:
 
     def model_args(self) -> dict[str, Any]:
         """The keyword arguments of `create_model` that come from options (besides the class count)."""
-        return {"j": self.rbf_j} if self.rbf_j is not None else {}
+        return {**({"j": self.rbf_j} if self.rbf_j is not None else {}),
+                **({"codes": self.rbf_codes} if self.rbf_codes is not None else {})}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
