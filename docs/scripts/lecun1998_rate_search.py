@@ -67,6 +67,9 @@ CANDIDATES = {
     "capped at 2e-5, j = 1": (f"{CAPPED} --lr 2e-5 --rbf-j 1", range(5)),
     "capped at 2e-5, j = 3": (f"{CAPPED} --lr 2e-5 --rbf-j 3", range(5)),
     "capped at 2e-5, j = 10": (f"{CAPPED} --lr 2e-5 --rbf-j 10", range(5)),
+    # the cap again, at the chosen j = 3 (its weaker pull near the prototype changes the gradients' size)
+    "capped at 1.5e-5, j = 3": (f"{CAPPED} --lr 1.5e-5 --rbf-j 3", range(5)),
+    "capped at 3e-5, j = 3": (f"{CAPPED} --lr 3e-5 --rbf-j 3", range(5)),
     # the RBF output's codes: random +-1 codes (section II.B) against our reading of the paper's bitmaps
     "capped at 2e-5, random codes": (f"{CAPPED} --lr 2e-5 --rbf-codes random", range(5)),
     "capped at 2e-5, j = 3, random codes": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --rbf-codes random", range(5)),
