@@ -252,10 +252,13 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     resume_args = ["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
                    "--offline"]
     (tmp_path / "two" / "seeds.json").write_text(json.dumps({**plan, "rbf_j": RBF_J[False] + 1}))
-    assert main(resume_args) == 2  # another j
+    assert main(resume_args) == 0  # another j, but every seed has its run (which keeps its own config)
+    assert capsys.readouterr().out.count("done before") == 2
+    (tmp_path / "two" / "seeds.json").write_text(json.dumps({**plan, "rbf_j": RBF_J[False] + 1, "seeds": [5, 6, 7]}))
+    assert main(resume_args) == 2  # seed 7 would start with another j
     assert f"planned with j = {RBF_J[False] + 1:g}, and this version's recipe uses j = {RBF_J[False]:g}" in (
         capsys.readouterr().err)
-    plan.update(distortions=True)
+    plan.update(distortions=True, seeds=[5, 6, 7])
     for key in ("rbf_j", "distort_strength", "distort_share", "epoch_repeats"):
         del plan[key]  # as plans made before the options were written
     (tmp_path / "two" / "seeds.json").write_text(json.dumps(plan))
@@ -310,6 +313,9 @@ def test_rbf_codes_random_replaces_the_bitmaps(mnist, tmp_path):
         TrainConfig(model="keras-lenet", rbf_codes="random").validate()
     with pytest.raises(ValueError, match="codes must be one of bitmaps, random"):
         create_model("lenet5-1998", codes="gray")
+    with pytest.raises(ValueError, match="the RBF bitmaps are of the ten digits; 26 classes get random codes"):
+        create_model("lenet5-1998", num_classes=26, codes="bitmaps")
+    assert torch.equal(create_model("lenet5-1998", num_classes=26).output.prototypes, random_prototypes(26))
     config = dataclasses.replace(lecun1998_config(epochs=1), rbf_codes="random", train_samples=300, test_samples=100,
                                  hessian_samples=50, threads=1)
     fit(config, mnist, tmp_path / "random")

@@ -47,10 +47,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def setup(train: Split, lr: float = ETA, schedule: str = "lecun1998"):
+def setup(train: Split, lr: float = ETA, schedule: str = "lecun1998", **model_args):
     """A fresh lenet5-1998 as fit() builds it, its SDLM with a Hessian estimate, and the schedule."""
     torch.manual_seed(0)
-    model = create_model("lenet5-1998").to(memory_format=torch.channels_last)
+    model = create_model("lenet5-1998", **model_args).to(memory_format=torch.channels_last)
     config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=lr, schedule=schedule, batch_size=1, epochs=20)
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_schedule(optimizer, config, len(train))
@@ -58,8 +58,8 @@ def setup(train: Split, lr: float = ETA, schedule: str = "lecun1998"):
     return model, optimizer, scheduler
 
 
-def run_pass(train: Split, native_path: bool, distort: bool, lr: float = ETA):
-    model, optimizer, scheduler = setup(train, lr)
+def run_pass(train: Split, native_path: bool, distort: bool, lr: float = ETA, **model_args):
+    model, optimizer, scheduler = setup(train, lr, **model_args)
     before = [p.detach().clone() for p in model.parameters()]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
@@ -69,12 +69,14 @@ def run_pass(train: Split, native_path: bool, distort: bool, lr: float = ETA):
             "loss": loss, "accuracy": accuracy, "rng": torch.get_rng_state()}
 
 
-@pytest.mark.parametrize("distort", [False, True, distortion(0.5, share=0.9)],
-                         ids=["plain", "distorted", "half-strength-on-90%"])
-def test_native_pass_is_the_plain_per_pattern_steps(kernel, mnist, distort, one_thread):
+@pytest.mark.parametrize("distort, model_args", [(False, {}), (True, {}), (distortion(0.5, share=0.9), {}),
+                                                 (False, {"j": 3.0}), (False, {"j": 3.0, "codes": "random"})],
+                         ids=["plain", "distorted", "half-strength-on-90%", "j=3", "j=3-random-codes"])
+def test_native_pass_is_the_plain_per_pattern_steps(kernel, mnist, distort, model_args, one_thread):
     # 5x the recipe's rate, so that 200 patterns move every parameter well beyond rounding.
     train = mnist.train.head(200)
-    fast, plain = (run_pass(train, native_path, distort, lr=5 * ETA) for native_path in (True, False))
+    fast, plain = (run_pass(train, native_path, distort, lr=5 * ETA, **model_args) for native_path in (True, False))
+    assert fast["model"].j == model_args.get("j", 0.1)
     # Tolerance: each parameter tensor within 1e-5 of its largest value, and what the pass changed
     # within 1e-4 of the largest change (measured: 1.2e-6 and 7e-6; sums in another order and a tanh
     # a few ulp from PyTorch's, over 200 updates).

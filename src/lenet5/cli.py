@@ -273,7 +273,8 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
         parent = args.resume
         plan = json.loads((parent / SEEDS_FILE).read_text())
         planned, now = recipe_settings(plan), recipe(plan["distortions"], plan["batch_size"])
-        if planned != now:  # the seeds still to start would run another recipe
+        unstarted = [k for k in plan["seeds"] if not RunFolder(parent / f"seed-{k}").holds_run()]
+        if planned != now and unstarted:  # those seeds would run another recipe (started ones keep their own)
             raise ConfigError(f"{parent}: its seeds were planned with {describe_recipe(planned, plan['distortions'])}, "
                               f"and this version's recipe uses {describe_recipe(now, plan['distortions'])}; start a "
                               f"new multi-seed run instead")

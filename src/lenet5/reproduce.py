@@ -10,6 +10,7 @@ after every pass, then writes `report.md`, `error_curves.png` (cf. the paper's F
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import time
@@ -22,6 +23,7 @@ from lenet5.data import MNIST
 from lenet5.data.distort import DEFAULT_RANGES
 from lenet5.data.transforms import to_model_input
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
+from lenet5.models.lenet5_1998 import LeNet5_1998
 from lenet5.plots import plot_digit_gallery, plot_error_curves
 from lenet5.train import Callback, FitResult, TrainConfig, TrainingError, fit, resume
 
@@ -72,7 +74,8 @@ RBF_J = {False: 3.0, True: 0.1}  # by variant: with distortions or not
 # The settings a recipe is made of beyond the shared ones, as TrainConfig names them, with the values
 # of runs made before a field existed (a multi-seed plan or a seed's config.json of an older version):
 # j (the model's default, 0.1, when it was not an option) and the distortions.
-RECIPE_FIELDS = {"rbf_j": 0.1, "distort_strength": 1.0, "distort_share": 1.0, "epoch_repeats": 1}
+RECIPE_FIELDS = {"rbf_j": inspect.signature(LeNet5_1998).parameters["j"].default, "distort_strength": 1.0,
+                 "distort_share": 1.0, "epoch_repeats": 1}
 DISTORTION_FIELDS = ("distort_strength", "distort_share", "epoch_repeats")
 
 

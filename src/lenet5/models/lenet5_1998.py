@@ -268,12 +268,14 @@ class LeNet5_1998(DigitClassifier):
     display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
     label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
-    def __init__(self, j: float = 0.1, num_classes: int = 10, codes: str = "bitmaps"):
+    def __init__(self, j: float = 0.1, num_classes: int = 10, codes: str | None = None):
         super().__init__()
         if j <= 0:
             raise ValueError("j, the 'rubbish class' constant of eq. 9, must be positive")
-        if codes not in RBF_CODES:
+        if codes not in (None, *RBF_CODES):
             raise ValueError(f"codes must be one of {', '.join(RBF_CODES)}, got {codes!r}")
+        if codes == "bitmaps" and num_classes != 10:
+            raise ValueError(f"the RBF bitmaps are of the ten digits; {num_classes} classes get random codes")
         if not 2 <= num_classes <= 1000:
             raise ValueError(f"num_classes must be 2 to 1000, got {num_classes}")
         self.j = j
@@ -285,7 +287,7 @@ class LeNet5_1998(DigitClassifier):
         self.F6 = nn.Linear(120, 84)
         # Ten classes get the paper's digit bitmaps (for another ten-class set they are just ten
         # distinct codes) unless codes="random"; any other count gets random codes, as section II.B allows.
-        bitmaps = num_classes == 10 and codes == "bitmaps"
+        bitmaps = num_classes == 10 and codes != "random"
         self.output = EuclideanRBF(rbf_prototypes() if bitmaps else random_prototypes(num_classes))
         for layer, fan_in in ((self.C1, 25), (self.C5, 16 * 25), (self.F6, 120)):
             lecun_uniform_(layer.weight, fan_in)

@@ -20,6 +20,7 @@ from lenet5.data.augment import check_augment
 from lenet5.data.catalog import check_dataset_name, dataset_names
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
+from lenet5.models.lenet5_1998 import RBF_CODES
 
 # Settings of the machine a run happens to use, not of the run: `--resume` may change them.
 HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
@@ -63,7 +64,8 @@ class TrainConfig:
         "does not give it; default 0.1)"))
     rbf_codes: str | None = field(default=None, metadata=_opt(
         "lenet5-1998: the RBF output's fixed codes, the paper's 7x12 digit bitmaps or random +-1 codes (section "
-        "II.B allows either; default bitmaps)", choices=("bitmaps", "random")))
+        "II.B allows either; default: bitmaps for ten classes, random codes for any other count)",
+        choices=RBF_CODES))
     hessian_samples: int = field(default=500, metadata=_opt(
         "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
     schedule: str = field(default="constant", metadata=_opt(
@@ -207,11 +209,13 @@ class TrainConfig:
         if self.outliers and not model_class(self.model).label_smoothing_ok:
             raise ConfigError(f"--outliers needs a model with logit outputs; {self.model}'s loss is its own")
         if self.rbf_j is not None and self.model != "lenet5-1998":
-            raise ConfigError(f"--rbf-j is the constant of lenet5-1998's loss (eq. 9); {self.model} has no such loss")
+            raise ConfigError(f"--rbf-j is the constant of lenet5-1998's loss (eq. 9); {self.model} has no such loss "
+                              f"(drop --rbf-j, or use --model lenet5-1998; a --config file may have carried it)")
         if self.rbf_codes is not None and self.model != "lenet5-1998":
-            raise ConfigError(f"--rbf-codes are the fixed codes of lenet5-1998's RBF output; {self.model} has none")
-        if self.rbf_codes not in (None, "bitmaps", "random"):
-            raise ConfigError(f"--rbf-codes must be bitmaps or random, got {self.rbf_codes!r}")
+            raise ConfigError(f"--rbf-codes are the fixed codes of lenet5-1998's RBF output; {self.model} has none "
+                              f"(drop --rbf-codes, or use --model lenet5-1998; a --config file may have carried it)")
+        if self.rbf_codes not in (None, *RBF_CODES):
+            raise ConfigError(f"--rbf-codes must be one of {', '.join(RBF_CODES)}, got {self.rbf_codes!r}")
         if self.rbf_j is not None and not 0 < self.rbf_j <= 100:
             raise ConfigError(f"--rbf-j must be in (0, 100], got {self.rbf_j}")
         if self.optimizer == "sdlm" and self.model != "lenet5-1998":

@@ -30,6 +30,7 @@ from lenet5 import distributed
 from lenet5.data import Dataset, Split
 from lenet5.data.transforms import to_model_input
 from lenet5.distributed import World
+from lenet5.errors import ConfigError
 from lenet5.hardware import PrecisionChoice, choose_precision
 from lenet5.models import DigitClassifier, create_model, model_class
 from lenet5.train.config import TrainConfig
@@ -81,7 +82,11 @@ class TrainStep:
         ten digits by default), optimizer, schedule and precision of `config`."""
         torch.manual_seed(config.seed)
         classes = data.classes if data is not None else tuple(str(d) for d in range(10))
-        model = create_model(config.model, num_classes=len(classes), **config.model_args()).to(device, memory_format=torch.channels_last)
+        try:
+            model = create_model(config.model, num_classes=len(classes), **config.model_args())
+        except ValueError as e:  # e.g. --rbf-codes bitmaps for a data set that is not ten classes
+            raise ConfigError(f"--model {config.model} on {len(classes)} classes: {e}") from None
+        model = model.to(device, memory_format=torch.channels_last)
         model.dataset, model.classes = (data.name, data.classes) if data is not None else ("mnist", classes)
         optimizer = build_optimizer(model.parameters(), config)
         scheduler = build_schedule(optimizer, config, steps_per_epoch)
