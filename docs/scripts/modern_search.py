@@ -42,6 +42,9 @@ CANDIDATES = {
     # the distortions' strength, after it mattered for the 1998 network (docs/results/lecun1998-rate/)
     "e15-distort-x0.5": ["--epochs", "15", "--distort", "--distort-strength", "0.5"],
     "e15-distort-x0.75": ["--epochs", "15", "--distort", "--distort-strength", "0.75"],
+    # smaller batches: twice the updates per epoch, at the recipe's rate and at half of it
+    "e15-distort-b64": ["--epochs", "15", "--distort", "--batch-size", "64"],
+    "e15-distort-b64-lr1.5e-3": ["--epochs", "15", "--distort", "--batch-size", "64", "--lr", "1.5e-3"],
 }
 
 
