@@ -45,6 +45,7 @@ CANDIDATES = {
     # smaller batches: twice the updates per epoch, at the recipe's rate and at half of it
     "e15-distort-b64": ["--epochs", "15", "--distort", "--batch-size", "64"],
     "e15-distort-b64-lr1.5e-3": ["--epochs", "15", "--distort", "--batch-size", "64", "--lr", "1.5e-3"],
+    "e15-distort-b32": ["--epochs", "15", "--distort", "--batch-size", "32"],
 }
 
 

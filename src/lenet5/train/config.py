@@ -315,9 +315,9 @@ RECIPES: dict[str, Recipe] = {
         }),
     "modern": Recipe(
         "lenet5-modern (56,042 parameters, within the 1998 network's 60,000) trained the modern way: the "
-        "paper's distortions, AdamW 3e-3 one-cycle, batch 128, label smoothing 0.1, weight average 0.999, "
+        "paper's distortions, AdamW 3e-3 one-cycle, batch 64, label smoothing 0.1, weight average 0.999, "
         "15 epochs, the best epoch chosen on 5,000 held-out training images (docs/results/lenet5-modern/)",
-        {"model": "lenet5-modern", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4, "batch_size": 128,
+        {"model": "lenet5-modern", "optimizer": "adamw", "lr": 3e-3, "weight_decay": 5e-4, "batch_size": 64,
          "schedule": "onecycle", "label_smoothing": 0.1, "ema": 0.999, "distort": True, "epochs": 15,
          "val_split": 5000}),
     "fast-gpu": Recipe("what `fast` picks on a GPU: keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs", _FAST_GPU),
