@@ -61,7 +61,7 @@ class TrainConfig:
     mu: float = field(default=0.02, metadata=_opt("SDLM: mu in the step lr / (mu + h_kk) (paper: 0.02)"))
     rbf_j: float | None = field(default=None, metadata=_opt(
         "lenet5-1998: the rubbish-class constant j of eq. 9, E = y_correct + log(e^-j + sum_i e^-y_i) (the paper "
-        "does not give it; default 0.1)"))
+        "does not give it; default 0.1, and 3 in lenet5 reproduce lecun1998's plain recipe)"))
     rbf_codes: str | None = field(default=None, metadata=_opt(
         "lenet5-1998: the RBF output's fixed codes, the paper's 7x12 digit bitmaps or random +-1 codes (section "
         "II.B allows either; default: bitmaps for ten classes, random codes for any other count)",
