@@ -35,7 +35,6 @@ EMULATE = {
 }
 
 
-@lru_cache(maxsize=1)
 def restart_emulating(cls: str | None) -> None:
     """Start this script again as a CPU of class `cls` (EMULATE's caps in its environment), unless
     they are set already or `cls` is None; returns only then. The caps are read when torch loads,
@@ -44,6 +43,7 @@ def restart_emulating(cls: str | None) -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[cls]})
 
 
+@lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:

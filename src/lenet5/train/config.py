@@ -228,8 +228,7 @@ class TrainConfig:
 
     def model_args(self) -> dict[str, Any]:
         """The keyword arguments of `create_model` that come from options (besides the class count)."""
-        return {**({"j": self.rbf_j} if self.rbf_j is not None else {}),
-                **({"codes": self.rbf_codes} if self.rbf_codes is not None else {})}
+        return {k: v for k, v in (("j", self.rbf_j), ("codes", self.rbf_codes)) if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
