@@ -46,12 +46,17 @@ CANDIDATES = {
     "e15-distort-b64": ["--epochs", "15", "--distort", "--batch-size", "64"],
     "e15-distort-b64-lr1.5e-3": ["--epochs", "15", "--distort", "--batch-size", "64", "--lr", "1.5e-3"],
     "e15-distort-b32": ["--epochs", "15", "--distort", "--batch-size", "32"],
+    # architectures within 60,000 parameters at the chosen recipe (docs/scripts/modern_arch.py)
+    **{f"e15-distort-b64-{arch}": ["--epochs", "15", "--distort", "--batch-size", "64", "--model", f"arch-{arch}"]
+       for arch in ("base", "deep14", "deep7", "deep14b")},
 }
+ARCH_LAUNCHER = Path(__file__).with_name("modern_arch.py")  # registers the arch-* models, then runs lenet5
 
 
 def run(name: str, options: list[str], seed: int, args: argparse.Namespace) -> dict:
     run_name = f"{name}-s{seed}"
-    command = [sys.executable, "-m", "lenet5", "train", *BASE, *options, "--seed", str(seed), "--device", args.device,
+    launcher = [str(ARCH_LAUNCHER)] if any(o.startswith("arch-") for o in options) else ["-m", "lenet5"]
+    command = [sys.executable, *launcher, "train", *BASE, *options, "--seed", str(seed), "--device", args.device,
                "--threads", str(args.threads), "--data-dir", args.data_dir, "--out-dir", str(args.runs),
                "--name", run_name, "--quiet", *args.extra]
     started = time.perf_counter()
