@@ -46,6 +46,8 @@ CANDIDATES = {
     "e15-distort-b64": ["--epochs", "15", "--distort", "--batch-size", "64"],
     "e15-distort-b64-lr1.5e-3": ["--epochs", "15", "--distort", "--batch-size", "64", "--lr", "1.5e-3"],
     "e15-distort-b32": ["--epochs", "15", "--distort", "--batch-size", "32"],
+    # longer: batch 64 chose its last epoch for every seed
+    "e25-distort-b64": ["--epochs", "25", "--distort", "--batch-size", "64"],
     # architectures within 60,000 parameters at the chosen recipe (docs/scripts/modern_arch.py)
     **{f"e15-distort-b64-{arch}": ["--epochs", "15", "--distort", "--batch-size", "64", "--model", f"arch-{arch}"]
        for arch in ("base", "deep14", "deep7", "deep14b")},
