@@ -5,7 +5,7 @@ rest 3x3), 2x2 max-pooling where the spec says "P", then global average pooling 
 layer, as lenet5-modern. This script registers them as models named `arch-<variant>` and runs
 the lenet5 command line, so the search trains them exactly as the product trains its own:
 
-    python docs/scripts/modern_arch.py train --model arch-deep14 --recipe modern ...
+    python docs/scripts/modern_arch.py train --model arch-deep7 [other lenet5 train options]
     python docs/scripts/modern_arch.py --list      # parameters and multiply-adds per digit
 """
 
@@ -20,10 +20,9 @@ from lenet5.models.registry import DigitClassifier, register_model
 
 # conv widths in order ("P": 2x2 max-pooling); the first convolution is 5x5, the others 3x3
 VARIANTS: dict[str, list[int | str]] = {
-    "base": [32, "P", 32, 48, "P", 72],  # lenet5-modern as it was (56,042 parameters)
+    "base": [32, "P", 32, 48, "P", 72],  # lenet5-modern itself (56,042 parameters), for --list
     "deep14": [32, "P", 32, 32, 48, "P", 60],  # a third convolution at 14x14, a narrower last one
     "deep7": [32, "P", 32, 48, "P", 40, 48],  # a second convolution at 7x7
-    "deep14b": [24, "P", 32, 40, 40, "P", 56],
 }
 
 
