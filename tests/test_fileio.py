@@ -49,3 +49,23 @@ def test_write_failures_are_named_one_line_errors(tmp_path, monkeypatch):
     assert str(err.value) == f"{tmp_path / 'big.bin'}: cannot write: No space left on device"
     assert err.value.errno == errno.ENOSPC and isinstance(err.value, (OSError, Lenet5Error))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"], "no temporary file is left"
+
+
+def test_a_device_or_pipe_is_never_replaced_and_a_link_is_written_through(tmp_path):
+    """Renaming a temporary file over `--out /dev/null` once made /dev/null a regular file (as
+    root); a pipe stands for the device here, so that a regression cannot harm the machine."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with pytest.raises(FileWriteError, match=rf"^{pipe}: cannot write: not a regular file"):
+        atomic_write_bytes(pipe, b"x")
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    target, link = tmp_path / "model.onnx", tmp_path / "latest.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to(target.name)
+    assert atomic_write_bytes(link, b"new") == link
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to("made.bin")
+    atomic_write_bytes(dangling, b"made")
+    assert dangling.is_symlink() and (tmp_path / "made.bin").read_bytes() == b"made"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

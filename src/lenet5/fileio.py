@@ -52,11 +52,15 @@ def _sync_folder(folder: Path) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it."""
-    path = Path(path)
+    path = shown = Path(path)
     tmp: Path | None = None
     try:
+        if path.is_symlink():  # write the file the link names, as open() would: the link stays a link
+            path = path.resolve()
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file")
+        if path.exists() and not path.is_file():  # renaming over it would replace a device or a pipe
+            raise OSError(errno.EINVAL, "not a regular file (a device, a pipe or a socket)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # the parent is a file
@@ -70,14 +74,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         tmp = None
         _sync_folder(path.parent)
     except OSError as e:
-        raise FileWriteError(e.errno, f"{path}: cannot write: {e.strerror or e}", str(path)) from None
+        raise FileWriteError(e.errno, f"{shown}: cannot write: {e.strerror or e}", str(shown)) from None
     finally:
         if tmp is not None:
             try:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-    return path
+    return shown
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
