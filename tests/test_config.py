@@ -38,6 +38,7 @@ def test_round_trips_through_json(tmp_path):
     ({"device": "tpu"}, "--device must be"),
     ({"precision": "fp8"}, "unknown precision 'fp8'"),
     ({"stop_at": 99.0}, "--stop-at is an accuracy between 0 and 1"),
+    ({"threads": -2}, "--threads must not be negative"),
 ])
 def test_impossible_options_are_named(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -103,3 +104,18 @@ def test_every_recipe_is_a_valid_config():
             config = TrainConfig(**options)
             assert all(getattr(config, k) == v for k, v in options.items()), (name, hardware)
             assert "precision" not in options, "precision is chosen per machine (auto), never by a recipe"
+
+
+def test_thread_counts_are_bounded_by_the_cores_this_process_may_use(monkeypatch, capsys):
+    """--threads 100000 ended in a segmentation fault, 5000 in a hang: at most 4 per usable core."""
+    from lenet5 import hardware
+    from lenet5.cli import main
+
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 3)
+    assert TrainConfig(threads=12).threads == 12
+    with pytest.raises(ConfigError, match=r"^--threads must be at most 12 \(4 per core of the 3 this process may use\), got 13$"):
+        TrainConfig(threads=13)
+    for command in (["reproduce", "lecun1998", "--threads", "100000"], ["serve", "--threads", "100000"]):
+        assert main(command) != 0
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (f"lenet5 {command[0]}: error: --threads must be at most 12 (4 per core "
+                                                   f"of the 3 this process may use), got 100000")

@@ -24,7 +24,7 @@ from lenet5.data.catalog import dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.hardware import hardware_class
+from lenet5.hardware import hardware_class, thread_limit_problem
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
@@ -237,6 +237,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --epochs must be positive")
     if args.seeds <= 0 or args.jobs <= 0:
         raise ConfigError("--seeds and --jobs must be positive")
+    if thread_limit_problem(args.threads):
+        raise ConfigError(thread_limit_problem(args.threads))
     if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
         return _reproduce_seeds(args)
     mode = "distortions" if args.distortions else "plain"
@@ -533,6 +535,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536 or args.max_body_mb <= 0 or args.threads < 0 or args.workers < 1:
         raise ConfigError("--port must be 1-65535, --max-body-mb positive, --threads not negative, --workers >= 1")
+    if thread_limit_problem(args.threads):
+        raise ConfigError(thread_limit_problem(args.threads))
     # One thread per request: a single digit is too small to split, and requests run in parallel.
     torch.set_num_threads(args.threads or 1)
     check_port(args.host, args.port)  # before "serving on ...": a busy port is one line and exit 1

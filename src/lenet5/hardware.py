@@ -109,6 +109,24 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
 
 
+THREADS_PER_CORE = 4  # the most threads an option may ask per usable core: more only waits at barriers
+
+
+def thread_limit_problem(threads: int, option: str = "--threads") -> str | None:
+    """Why `threads` is no thread count for this machine (None when it is one; 0 means the default).
+
+    Thousands of OpenMP threads on a few cores do not train faster; they hang or crash the process
+    (--threads 100000 ended in a segmentation fault on a 2-core machine).
+    """
+    most = THREADS_PER_CORE * usable_cores()
+    if threads < 0:
+        return f"{option} must not be negative, got {threads}"
+    if threads > most:
+        return (f"{option} must be at most {most} ({THREADS_PER_CORE} per core of the {usable_cores()} this process "
+                f"may use), got {threads}")
+    return None
+
+
 def _cgroup_quota() -> float | None:
     """CPUs allowed by the cgroup (v2 cpu.max, or v1 cfs quota/period); None when unlimited."""
     try:
