@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,9 +148,14 @@ def add_data_options(parser: argparse.ArgumentParser, dataset: str | None = None
     group.add_argument("--retries", type=int, default=2, help="retries per mirror for transient failures")
 
 
+MAX_TIMEOUT_S, MAX_RETRIES = 86_400, 100  # a day without a byte; a hundred tries a mirror
+
+
 def load_data(args: argparse.Namespace, dataset: str = "mnist"):
-    if args.timeout <= 0 or args.retries < 0:
-        raise ConfigError("--timeout must be positive and --retries not negative")
+    # NaN passed "<= 0" and reached the socket as a traceback; inf overflowed its clock
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S) or not 0 <= args.retries <= MAX_RETRIES:
+        raise ConfigError(f"--timeout must be positive seconds, at most {MAX_TIMEOUT_S} (got {args.timeout}), and "
+                          f"--retries from 0 to {MAX_RETRIES} (got {args.retries})")
     progress = DownloadProgress()
     try:
         return load_dataset(dataset, args.data_dir, download=not args.offline, mirrors=args.mirror,
