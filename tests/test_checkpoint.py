@@ -116,6 +116,17 @@ def test_wrong_tensor_shapes_and_dtypes_are_named(tmp_path):
         load_checkpoint(write(tmp_path / "extra.safetensors", tensors, valid_meta()))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_not_predicted_with(tmp_path, bad):
+    """A NaN weight made predict answer "8, confidence nan%" with exit 0, and export pass its check."""
+    tensors = dict(STATES["lenet5"])
+    tensors["features.3.weight"] = tensors["features.3.weight"].clone()
+    tensors["features.3.weight"][0, 0, 0, 0] = bad
+    with pytest.raises(CheckpointError, match=r"weights contain NaN or infinite values \(features.3.weight\)"):
+        load_checkpoint(write(tmp_path / "nan.safetensors", tensors, valid_meta()))
+    assert load_checkpoint(write(tmp_path / "fine.safetensors", dict(STATES["lenet5"]), valid_meta())).model
+
+
 def test_the_header_size_is_bounded(tmp_path):
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes((2**40).to_bytes(8, "little") + b"{}")

@@ -258,6 +258,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({one_line(e)})") from None
+    # NaN weights (a diverged run, a damaged file) predict "8 at nan% confidence" without a word
+    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise CheckpointError(f"{path}: weights contain NaN or infinite values ({broken[:60]}): the run that wrote "
+                              f"them diverged, or the file is damaged")
     try:
         model = create_model(name, **args)
         model.load_state_dict(tensors)

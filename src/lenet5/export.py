@@ -103,6 +103,8 @@ def check_export(checkpoint: Checkpoint, path: str | Path, fmt: str, images: tor
     agree = int((exported.argmax(1) == reference.argmax(1)).sum())
     result = {"images": len(x), "max_abs_difference": float(np.abs(exported - reference).max()),
               "same_class": agree, "identical_classes": agree == len(x)}
+    if not np.isfinite(result["max_abs_difference"]):  # NaN scores agree on argmax 0 and compare as nothing
+        raise ExportError(f"{path}: the exported model or PyTorch gives scores that are not finite numbers")
     if not result["identical_classes"]:
         raise ExportError(f"{path}: the exported model disagrees with PyTorch on {len(x) - agree} of {len(x)} digits")
     return result
