@@ -198,6 +198,20 @@ def test_an_idx_folder_trains_and_names_its_classes(tmp_path, capsys):
         load_dataset(f"idx:{folder}")
 
 
+def test_an_idx_folder_of_one_class_or_repeated_names_is_refused(tmp_path):
+    """One class trained to "100%" and then its own checkpoints were refused as damaged."""
+    folder = tmp_path / "one"
+    small_set(folder, classes=1)
+    with pytest.raises(DataError, match="every label is 0; a classifier needs at least 2 classes"):
+        load_dataset(f"idx:{folder}")
+    (folder / "classes.txt").write_text("only\n")
+    with pytest.raises(DataError, match="expected 2 to 256 class names .*, found 1"):
+        load_dataset(f"idx:{folder}")
+    (folder / "classes.txt").write_text("a\nb\na\n")
+    with pytest.raises(DataError, match="class name.s. given twice: a$"):
+        load_dataset(f"idx:{folder}")
+
+
 def test_an_idx_folder_without_names_uses_the_label_numbers_and_fits_an_mnist_model(served_run, tmp_path, mnist):
     folder = tmp_path / "digits"
     folder.mkdir()

@@ -223,9 +223,12 @@ def idx_spec(name: str) -> DatasetSpec:
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{folder / CLASSES_FILE}: cannot read: {e}") from None
         classes = tuple(line.strip() for line in text.splitlines() if line.strip())
-        if not classes or len(classes) > 256 or any(len(c) > 100 for c in classes):
-            raise DataError(f"{folder / CLASSES_FILE}: expected 1 to 256 class names of at most 100 characters, "
-                            "one per line")
+        if not 2 <= len(classes) <= 256 or any(len(c) > 100 for c in classes):
+            raise DataError(f"{folder / CLASSES_FILE}: expected 2 to 256 class names of at most 100 characters, "
+                            f"one per line, found {len(classes)}")  # one class: nothing to tell apart
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:
+            raise DataError(f"{folder / CLASSES_FILE}: class name(s) given twice: {', '.join(twice)[:200]}")
     return DatasetSpec(name=name, title=name, classes=classes, files=tuple(files), mirrors=(), split_sizes=None,
                        folder=str(folder), noun="an image", source=f"the IDX files in {folder}", named=named)
 

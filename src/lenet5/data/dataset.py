@@ -262,6 +262,8 @@ def load_dataset(name: str = "mnist", data_dir: str | os.PathLike | None = None,
     if not classes:  # an idx: folder without classes.txt: the label numbers
         top = max(int(s.labels.max()) if len(s) else 0 for s in splits.values())
         classes = tuple(str(k) for k in range(top + 1))
+        if len(classes) < 2:
+            raise DataError(f"{spec.title}: every label is 0; a classifier needs at least 2 classes")
     root = Path(spec.folder) if spec.name.startswith(IDX_PREFIX) else resolve_data_dir(data_dir, name)
     return Dataset(train=splits["train"], test=splits["test"], root=root, name=name, classes=classes,
                    named=spec.named, spec=spec)
