@@ -322,3 +322,35 @@ def test_rbf_codes_random_replaces_the_bitmaps(mnist, tmp_path):
     model = load_checkpoint(tmp_path / "random").model
     assert torch.equal(model.output.prototypes, random_prototypes(10))
     assert not torch.equal(model.output.prototypes, rbf_prototypes())
+
+
+def test_reproduce_resume_refuses_what_it_cannot_continue(mnist_dir, tmp_path, capsys):
+    """A plain training run was resumed as a reproduction (its options ignored, then a crash in the
+    report), options given with --resume were silently ignored, and a damaged seeds.json was a traceback."""
+    from lenet5.cli import main
+
+    def refused(*argv: str) -> str:
+        assert main(["reproduce", "lecun1998", *argv, "--data-dir", str(mnist_dir), "--offline"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        return err
+
+    assert main(["train", "--model", "lenet5", "--epochs", "1", "--train-samples", "256", "--test-samples", "100",
+                 "--data-dir", str(mnist_dir), "--offline", "--out-dir", str(tmp_path), "--name", "plain",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert "plain: not a lecun1998 reproduction (a run of lenet5); continue a training run with lenet5 train " \
+           "--resume" in refused("--resume", str(tmp_path / "plain"))
+    assert "--resume continues a reproduction as it was started; --distortions, --epochs cannot change it" in refused(
+        "--resume", str(tmp_path / "plain"), "--epochs", "5", "--distortions")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    plan = {"seeds": [0, 1], "distortions": False, "batch_size": 1, "epochs": 20, "device": "cpu", "threads": 1}
+    for damaged, why in (("{}", "seeds, distortions, batch_size, epochs, device, threads missing"),
+                         ("[]", "not a JSON object"), ('{"seeds": [0, 1', "damaged (Expecting"),
+                         (json.dumps({**plan, "seeds": 5}), "(seeds missing or of the wrong kind)"),
+                         (json.dumps({**plan, "rbf_j": "3"}), "(rbf_j missing or of the wrong kind)"),
+                         (json.dumps({**plan, "seeds": [0, 0]}), "(seeds missing")):
+        (seeds / "seeds.json").write_text(damaged)
+        err = refused("--resume", str(seeds))
+        assert f"{seeds / 'seeds.json'}: damaged" in err and why in err, (damaged, err)

@@ -28,7 +28,7 @@ from lenet5.evaluate import evaluate_checkpoint
 from lenet5.hardware import hardware_class, thread_limit_problem
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
-from lenet5.reproduce import PAPER_TEST_ERROR, reproduce_lecun1998
+from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
 from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
 from lenet5.fileio import atomic_write_text
@@ -238,7 +238,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a reproduction is started with, at their defaults; --resume continues one as it was started.
+PLANNED = {"distortions": False, "batch_size": 1, "epochs": 20, "seed": 0, "seeds": 1, "name": None}
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    changed = [f"--{k.replace('_', '-')}" for k, v in PLANNED.items() if getattr(args, k) != v]
+    if args.resume and changed:  # they were silently ignored
+        raise ConfigError(f"--resume continues a reproduction as it was started; {', '.join(changed)} cannot change "
+                          f"it (the host settings --jobs, --threads and --device can)")
     if args.batch_size <= 0 or args.epochs <= 0:
         raise ConfigError("--batch-size and --epochs must be positive")
     if args.seeds <= 0 or args.jobs <= 0:
@@ -251,6 +259,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
     if args.resume:
         RunFolder(run_dir).require()
+        _require_reproduction(run_dir)
     else:
         RunFolder(run_dir).claim()  # before loading the data; fit checks again
     command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
@@ -264,7 +273,54 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_reproduction(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` holds a lecun1998 reproduction (a plain `train` run was once resumed,
+    its options silently ignored, and crashed writing the report)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        what = "its config.json is damaged"
+    elif config.get("model") != "lenet5-1998":
+        what = f"a run of {str(config.get('model'))[:60]}"
+    elif config.get("optimizer") != "sdlm" or not config.get("eval_train"):
+        what = "a lenet5-1998 run trained without --optimizer sdlm --eval-train"
+    else:
+        return
+    raise ConfigError(f"{run_dir}: not a lecun1998 reproduction ({what}); continue a training run with "
+                      f"lenet5 train --resume")
+
+
 SEEDS_FILE = "seeds.json"  # marks a folder of per-seed reproductions, and says how to continue it
+
+
+def _read_seed_plan(path: Path) -> dict[str, Any]:
+    """The plan a multi-seed folder was started with, checked field by field (ConfigError if damaged)."""
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: damaged ({_one_line(e)[:120]}); start a new multi-seed run instead") from None
+
+    def whole(v: Any, low: int, high: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+
+    checks = {"seeds": lambda v: isinstance(v, list) and 0 < len(v) <= 10_000 and len(set(v)) == len(v)
+                                 and all(whole(k, 0, 2**32 - 1) for k in v),
+              "distortions": lambda v: isinstance(v, bool), "batch_size": lambda v: whole(v, 1, 10**6),
+              "epochs": lambda v: whole(v, 1, 10**6), "device": lambda v: isinstance(v, str) and 0 < len(v) <= 20,
+              "threads": lambda v: whole(v, 0, 10**6)}
+    if not isinstance(plan, dict):
+        raise ConfigError(f"{path}: damaged (not a JSON object); start a new multi-seed run instead")
+    bad = [k for k, ok in checks.items() if k not in plan or not ok(plan[k])]
+    bad += [k for k in RECIPE_FIELDS if not number(plan.get(k))]
+    if bad:
+        raise ConfigError(f"{path}: damaged ({', '.join(bad)} missing or of the wrong kind); start a new multi-seed "
+                          f"run instead")
+    return plan
 
 
 def _reproduce_seeds(args: argparse.Namespace) -> int:
@@ -279,7 +335,7 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
 
     if args.resume:
         parent = args.resume
-        plan = json.loads((parent / SEEDS_FILE).read_text())
+        plan = _read_seed_plan(parent / SEEDS_FILE)
         planned, now = recipe_settings(plan), recipe(plan["distortions"], plan["batch_size"])
         unstarted = [k for k in plan["seeds"] if not RunFolder(parent / f"seed-{k}").holds_run()]
         if planned != now and unstarted:  # those seeds would run another recipe (started ones keep their own)
@@ -662,12 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Reproduce a published recipe and write report.md beside the run.")
     rep.add_argument("recipe", choices=["lecun1998"], help="lecun1998: LeNet-5 trained as in LeCun et al. 1998")
     rep.add_argument("--distortions", action="store_true", help="train on randomly distorted digits (paper: 0.8%%)")
-    rep.add_argument("--batch-size", type=int, default=1,
+    rep.add_argument("--batch-size", type=int, default=PLANNED["batch_size"],
                      help="patterns per update (default: 1, the paper's, by a native per-pattern pass on CPU; "
                           "16 for the mini-batch variant with the rate scaled by 16)")
-    rep.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20, as the paper)")
-    rep.add_argument("--seed", type=int, default=0, help="seed (default: 0); the first of --seeds")
-    rep.add_argument("--seeds", type=int, default=1, help="run this many seeds (--seed, --seed+1, ...) into "
+    rep.add_argument("--epochs", type=int, default=PLANNED["epochs"], help="passes over the training set (default: 20, as the paper)")
+    rep.add_argument("--seed", type=int, default=PLANNED["seed"], help="seed (default: 0); the first of --seeds")
+    rep.add_argument("--seeds", type=int, default=PLANNED["seeds"], help="run this many seeds (--seed, --seed+1, ...) into "
                      "FOLDER/seed-K and summarise them: mean +- sd and min-max of the test error (default: 1)")
     rep.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds trained at once, each on one thread "
                      "unless --threads says otherwise (per-pattern training uses one core)")
