@@ -128,6 +128,10 @@ def test_predict_command_reports_each_file(mnist, trained, tmp_path, capsys):
     code = main(["predict", str(trained.run_dir), str(tmp_path), "--csv"])  # a folder: its images only
     out, _ = capsys.readouterr()
     assert out.splitlines()[0] == "file,digit,label,confidence,top3,error,unsure" and "notes.txt" not in out
+    # the run's checkpoints/ folder is that checkpoint, as for evaluate (it once fell to the bundled model)
+    assert main(["predict", str(trained.run_dir / "checkpoints"), str(good), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["digit"] == 7 and "bundled" not in err
 
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 setgray 4 4 moveto 24 24 lineto stroke showpage\n%%EOF\n"

@@ -470,7 +470,8 @@ def _print_calibration(calibration, path: Path) -> None:
 
 def _is_checkpoint(path: Path) -> bool:
     """Whether a command's first item names a checkpoint rather than an image or a folder of them."""
-    return path.suffix == ".safetensors" or RunFolder(path).is_run_folder()
+    # as load_checkpoint reads them: a file, a run folder, or its checkpoints/ folder (best.safetensors)
+    return path.suffix == ".safetensors" or RunFolder(path).is_run_folder() or (path / "best.safetensors").is_file()
 
 
 def _checkpoint_or_bundled(checkpoint: Path | None) -> Path:
