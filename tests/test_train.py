@@ -89,6 +89,9 @@ def test_resume_extends_a_finished_run_and_rejects_a_non_run(mnist, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["epoch"] == 2
     with pytest.raises(CheckpointError, match="not a run folder"):
         resume(tmp_path, mnist)
+    (tmp_path / "config.json").write_text("{}")  # once a full run at the defaults, without a word
+    with pytest.raises(ConfigError, match="config.json: damaged: .* has no model, optimizer, lr, batch_size, epochs"):
+        resume(tmp_path, mnist)
 
 
 def test_a_diverging_run_stops_with_advice(mnist, tmp_path):

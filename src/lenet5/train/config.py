@@ -249,7 +249,9 @@ class TrainConfig:
             raise ConfigError(f"bad training options: {e}") from None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
+    def from_json(cls, path: str | Path, required: tuple[str, ...] = ()) -> "TrainConfig":
+        """The options in the JSON file `path`; the `required` ones must be there (a run's config.json
+        has every option: one without its model is damaged, not a run at the defaults)."""
         path = Path(path)
         try:
             values = json.loads(path.read_text())
@@ -259,6 +261,10 @@ class TrainConfig:
             raise ConfigError(f"{path}: not a readable JSON config: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of training options")
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ConfigError(f"{path}: damaged: a run's config.json names every option, and this one has no "
+                              f"{', '.join(missing)}")
         return cls.from_dict(values)
 
 

@@ -348,7 +348,7 @@ def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
     `host` may change the settings of the machine it continues on (HOST_SETTINGS: device,
     threads, eval_batch_size, compile) for this session; config.json keeps the run's own."""
     folder = RunFolder(run_dir).require()
-    config = TrainConfig.from_json(folder.config)
+    config = TrainConfig.from_json(folder.config, required=("model", "optimizer", "lr", "batch_size", "epochs"))
     if epochs is not None:
         config.epochs = epochs
         config.validate()
