@@ -9,6 +9,7 @@ import torch
 from lenet5.data import Split
 from lenet5.data.nondigits import KINDS, make_nondigits
 from lenet5.data.stress import STRESS_SETS, load_stress_sets, make_stress_sets
+from lenet5.errors import ConfigError
 
 N = 30
 
@@ -99,6 +100,10 @@ def test_the_cache_is_made_once_and_read_back(mnist, tmp_path, monkeypatch):
     path.write_bytes(b"damaged")
     load_stress_sets(test, tmp_path, on_make=made.append)
     assert len(made) == 2  # a damaged cache is made again
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile: not a folder .the stress sets' cache folder.$"):
+        load_stress_sets(test, tmp_path / "afile", on_make=made.append)
+    assert len(made) == 2  # refused before making anything
 
 
 def test_evaluate_stress_prints_every_set_beside_the_clean_test_set(mnist, mnist_dir, sets, tmp_path, capsys):

@@ -45,6 +45,7 @@ from PIL import Image, ImageFilter
 
 from lenet5.data.augment import dilate, downsample_upsample, erode
 from lenet5.data.mnist import Split
+from lenet5.errors import ConfigError
 from lenet5.fileio import cached_arrays
 from lenet5.preprocess import ImageError, prepare_file
 
@@ -244,6 +245,8 @@ def load_stress_sets(test: Split, cache_dir: str | os.PathLike | None = None, *,
     """The stress sets of MNIST's test split and the non-digit sets (`lenet5.data.nondigits`), from the
     cache file, or made (a few minutes on 2 cores; `on_make(path)` is called first) and cached there."""
     folder = Path(cache_dir) if cache_dir else stress_cache_dir()
+    if folder.exists() and not folder.is_dir():  # before minutes of making what could not be cached there
+        raise ConfigError(f"{folder}: not a folder (the stress sets' cache folder)")
     path = _cache_file(test, folder)
 
     def make() -> dict[str, np.ndarray]:
