@@ -411,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         from lenet5.analysis import write_report
 
-        data.test = data.test.head(args.test_samples)
+        data.test = data.test.take(args.test_samples, "--test-samples")
         summary = write_report(checkpoint, data, args.report)
         result["rejection_for_0.5%_error"] = summary["rejection_for_0.5%_error"]
         result["ece"] = summary["ece"]

@@ -62,7 +62,7 @@ def evaluate_checkpoint(path: str | Path, data: Dataset, *, device: str = "auto"
     checkpoint = load_checkpoint(path, dev)
     check_classes(checkpoint.model, data)
     checkpoint.model.to(memory_format=torch.channels_last)  # faster convolutions, as in training
-    test = data.test.head(test_samples).to(dev)
+    test = data.test.take(test_samples, "--test-samples").to(dev)
     loss, accuracy = evaluate(checkpoint.model, test.images, test.labels, batch_size)
     return {
         "checkpoint": str(checkpoint.path),

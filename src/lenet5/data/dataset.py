@@ -45,6 +45,13 @@ class Split:
         """The first `n` samples (all of them when n <= 0): a deterministic slice, no shuffle."""
         return self if n <= 0 or n >= len(self) else Split(self.images[:n], self.labels[:n])
 
+    def take(self, n: int, option: str) -> "Split":
+        """`head(n)` for an option's value: asking for more samples than there are is a ConfigError
+        (it silently used all of them)."""
+        if n > len(self):
+            raise ConfigError(f"{option} {n:,} is more than the {len(self):,} images there are")
+        return self.head(n)
+
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 

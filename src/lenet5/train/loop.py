@@ -228,8 +228,9 @@ def _start(config: TrainConfig) -> tuple[World, torch.device, ThreadGovernor | N
 
 
 def _splits(config: TrainConfig, data: Dataset, device: torch.device, world: World) -> Splits:
-    train, val = split_validation(data.train.head(config.train_samples), config.val_split)
-    splits = Splits(train.to(device), val.to(device) if val else None, data.test.head(config.test_samples).to(device))
+    train, val = split_validation(data.train.take(config.train_samples, "--train-samples"), config.val_split)
+    splits = Splits(train.to(device), val.to(device) if val else None,
+                    data.test.take(config.test_samples, "--test-samples").to(device))
     n, batch = len(splits.train), config.batch_size
     if batch > n:
         raise ConfigError(f"--batch-size {batch} is larger than the {n} training images")
