@@ -117,8 +117,8 @@ class TrainConfig:
     eval_batch_size: int = field(default=0, metadata=_opt(
         "images per step when evaluating (0: 512 on a CPU, where it keeps the caches warm; 10,000 on a GPU)"))
     threads: int = field(default=0, metadata=_opt(
-        "CPU threads, fixed (0: the cores this process may use, fewer while other processes compete for "
-        "them; see lenet5/train/threads.py)"))
+        "CPU threads, fixed, at most 4 per core this process may use (0: the cores this process may use, fewer "
+        "while other processes compete for them; see lenet5/train/threads.py)"))
     precision: str = field(default="auto", metadata=_opt(
         "arithmetic of the forward and backward passes: fp32, bf16 autocast (weights, optimizer and "
         "evaluation stay fp32), or auto: bf16 where it is fast (a GPU with bf16, a CPU with AMX or "
