@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from lenet5.data.augment import check_augment
-from lenet5.hardware import thread_limit_problem
 from lenet5.data.catalog import check_dataset_name, dataset_names
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
@@ -176,9 +175,6 @@ class TrainConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-        threads = thread_limit_problem(self.threads)
-        if threads:
-            raise ConfigError(threads)
         if self.seed >= MAX_SEED:
             raise ConfigError(f"--seed must be below 2**32, got {self.seed}")
         if not 0 <= self.rho < 1:

@@ -34,7 +34,7 @@ from lenet5.data.transforms import compose, random_hflip
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
-from lenet5.hardware import usable_cores
+from lenet5.hardware import thread_limit_problem, usable_cores
 from lenet5.models import DigitClassifier, count_parameters
 from lenet5.run_folder import RunFolder, best_record, selection_key
 from lenet5.runtime import environment, resolve_device
@@ -171,6 +171,9 @@ def fit(config: TrainConfig, data: Dataset, run_dir: str | Path, *, callbacks: S
 
 def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
     config.validate()
+    threads = thread_limit_problem(config.threads)  # here, not in validate: a config.json may come from a bigger machine
+    if threads:
+        raise ConfigError(threads + ("; a resumed run may set its own with --threads" if resume else ""))
     if canonical_name(data.name) != canonical_name(config.dataset):
         raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     world, device, governor = _start(config)
