@@ -52,6 +52,18 @@ class Mirror:
                     return self.send_error(503)
                 elif mode == "hang":
                     time.sleep(HANG_SECONDS)
+                elif mode == "trickle":  # the whole length announced, then 20 bytes a second (for at most 5 s)
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(length))
+                    self.end_headers()
+                    try:
+                        for i in range(100):
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 elif mode not in ("good", "flaky"):
                     return self.send_error(404)
                 self._send(body, length, "application/octet-stream")

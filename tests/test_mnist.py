@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -65,6 +66,26 @@ def test_a_hanging_server_times_out(mnist_dir, tmp_path):
             download(mirror, ["hang"], tmp_path, timeout=0.3)
         assert time.monotonic() - started < 2.5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trickle_is_stalled_and_mirrors_that_are_no_urls_are_named(mnist_dir, tmp_path, monkeypatch):
+    """One byte at a time kept every read inside the socket's timeout, so --timeout never fired; a
+    --mirror that was a local path was a ValueError traceback; retry pauses doubled without end."""
+    with Mirror(mnist_dir) as mirror:
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"stalled: \d+ bytes in 0.\d s \(under 1 KiB/s\)"):
+            download(mirror, ["trickle"], tmp_path, timeout=0.3)
+        assert time.monotonic() - started < 2.5
+    assert list(tmp_path.iterdir()) == []
+    for bad in ("/work/shared/mnist", "notaurl", "http://[::1/", "ftp://127.0.0.1/", "http://127.0.0.1:99999/"):
+        with pytest.raises(DownloadError, match=rf"mirror '{re.escape(bad)}': not an http\(s\) URL"):
+            download_file(LABELS.name, LABELS.size, LABELS.sha256, tmp_path, [bad])
+    pauses = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    with pytest.raises(DownloadError):  # refused connections are retried, with capped pauses
+        download_file(LABELS.name, LABELS.size, LABELS.sha256, tmp_path, ["http://127.0.0.1:9/"], retries=8,
+                      backoff=1.0, timeout=1.0)
+    assert pauses == [1, 2, 4, 8, 16, 30, 30, 30]
 
 
 def test_transient_errors_are_retried(mnist_dir, tmp_path):

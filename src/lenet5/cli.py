@@ -144,7 +144,8 @@ def add_data_options(parser: argparse.ArgumentParser, dataset: str | None = None
     group.add_argument("--mirror", action="append", metavar="URL",
                        help=f"download from this mirror (repeatable; default: for mnist ${MIRRORS_ENV}, else the "
                             "data set's built-in list)")
-    group.add_argument("--timeout", type=float, default=30.0, help="seconds before a stalled download is abandoned")
+    group.add_argument("--timeout", type=float, default=30.0, help="seconds before a stalled download (no byte, or under 1 KiB/s over that "
+                       "time) is abandoned")
     group.add_argument("--retries", type=int, default=2, help="retries per mirror for transient failures")
 
 

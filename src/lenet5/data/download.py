@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +29,8 @@ from lenet5.fileio import create_temp
 Progress = Callable[[str, int, int], None]
 
 CHUNK = 1 << 16
+MIN_RATE = 1024  # bytes/s: slower than this over a --timeout window, a download counts as stalled
+MAX_PAUSE_S = 30.0  # the longest pause between retries (they double from `backoff`)
 USER_AGENT = "lenet5-downloader/1 (+https://pypi.org/project/lenet5/)"
 
 
@@ -44,13 +47,23 @@ def _fetch_once(url: str, tmp: Path, name: str, size: int | None, sha256: str | 
         if e.code >= 500 or e.code == 429:
             raise OSError(f"HTTP {e.code} {e.reason}") from None
         raise _Permanent(f"HTTP {e.code} {e.reason}") from None
+    except ValueError as e:  # a URL urllib cannot use (a port out of range, say)
+        raise _Permanent(f"not a usable URL ({e})") from None
     digest, md5_digest = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     done = 0
+    window_start, window_bytes = time.monotonic(), 0
     with response, open(tmp, "wb") as out:
         content_type = response.headers.get("Content-Type", "")
         if "text/html" in content_type:
             raise _Permanent("served an HTML page, not the data file")
-        while chunk := response.read(CHUNK):
+        while chunk := response.read1(CHUNK):  # what has arrived: a trickle is seen, not waited out
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window_start >= timeout:  # the socket's timeout bounds one read; this, a slow stream
+                if window_bytes < MIN_RATE * (now - window_start):
+                    raise OSError(f"stalled: {window_bytes} bytes in {now - window_start:.1f} s (under "
+                                  f"{MIN_RATE // 1024} KiB/s)")
+                window_start, window_bytes = now, 0
             if done == 0 and chunk.lstrip()[:1] == b"<":
                 raise _Permanent("served an HTML page, not the data file")
             done += len(chunk)
@@ -90,6 +103,14 @@ def download_file(name: str, size: int | None, sha256: str | None, dest_dir: Pat
         raise DownloadError(f"{name}: no size or bound for the download")
     if not mirrors:
         raise DownloadError(f"{name}: no mirrors to download from")
+    for mirror in mirrors:
+        try:
+            parts = urllib.parse.urlsplit(mirror)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        except ValueError:  # "http://[::1/"
+            usable = False
+        if not usable:
+            raise DownloadError(f"mirror {mirror[:200]!r}: not an http(s) URL (for local files, use --data-dir)")
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / name
     failures: list[str] = []
@@ -114,7 +135,7 @@ def download_file(name: str, size: int | None, sha256: str | None, dest_dir: Pat
                 if attempt == retries:
                     failures.append(f"{url}: {reason}")
                 else:
-                    time.sleep(backoff * 2**attempt)
+                    time.sleep(min(backoff * 2**attempt, MAX_PAUSE_S))
             finally:
                 tmp.unlink(missing_ok=True)
     raise DownloadError(f"{name}: could not be downloaded: " + "; ".join(failures))
