@@ -221,8 +221,13 @@ def test_outputs_onto_folders_and_files_are_one_line(data_env, tmp_path, capsys,
     assert code == 1 and f"{folder}: is a folder" in err and one_line(err), err
     code, _, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--out", str(folder))
     assert code == 1 and f"{folder}: cannot write: is a folder, not a file" in err and one_line(err), err
-    code, _, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--max-maps", "0")
-    assert code == 2 and "--max-maps must be at least 1, got 0" in err and one_line(err), err
+    for bad in ("0", "100000"):  # 100,000 columns ended in std::bad_alloc
+        code, _, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--max-maps", bad)
+        assert code == 2 and f"--max-maps must be 1 to 512, got {bad}" in err and one_line(err), err
+    for maps in ("1", "512"):  # 1 or 2 columns failed to lay out; 1,000 took minutes: the widest layer's count at most
+        code, out, err = run(capsys, "explain", str(checkpoint), "--test-index", "0", "--max-maps", maps,
+                             "--out", str(tmp_path / f"maps-{maps}.png"))
+        assert code == 0 and (tmp_path / f"maps-{maps}.png").stat().st_size > 1000, err
     report = tmp_path / "report.md"
     report.write_text("mine")
     code, _, err = run(capsys, "evaluate", str(checkpoint), "--report", str(report))

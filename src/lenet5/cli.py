@@ -530,7 +530,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from lenet5.checkpoint import load_checkpoint
-    from lenet5.explain import explain_digit, explain_file, plot_explanation
+    from lenet5.explain import check_max_maps, explain_digit, explain_file, plot_explanation
     from lenet5.fileio import atomic_write_bytes
     from lenet5.runtime import resolve_device
 
@@ -539,6 +539,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.checkpoint, items = items[0], items[1:]
     if len(items) > 1:
         raise ConfigError(f"explain takes one image, not {len(items)}")
+    check_max_maps(args.max_maps)  # before any work
     args.image = items[0] if items else None
     args.checkpoint = _checkpoint_or_bundled(args.checkpoint)
     checkpoint = load_checkpoint(args.checkpoint, resolve_device(args.device))

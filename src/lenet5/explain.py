@@ -44,16 +44,27 @@ def explain_file(model: DigitClassifier, image: str | Path | bytes) -> Explanati
     return explain_digit(model, prepare_file(image))
 
 
+MAX_MAPS = 512  # maps per layer a figure may ask for (the widest layer of the registered models has 96)
+
+
+def check_max_maps(max_maps: int) -> None:
+    if not 1 <= max_maps <= MAX_MAPS:
+        raise ConfigError(f"--max-maps must be 1 to {MAX_MAPS}, got {max_maps}")
+
+
 def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 16,
                      classes: tuple[str, ...] | None = None) -> bytes:
     """One figure: the input, each layer's maps (one row per layer), and the class probabilities
     (labelled with `classes`, by default the class numbers)."""
-    if max_maps < 1:
-        raise ConfigError(f"--max-maps must be at least 1, got {max_maps}")
+    check_max_maps(max_maps)
     from matplotlib.figure import Figure
 
     layers = [(k, v) for k, v in explanation.maps.items() if k not in ("input", "output")]
-    columns = max_maps
+    # one column per map shown, no more than the widest layer has (1,000 columns took minutes and
+    # gigabytes), and at least the few that the probability bars need (1 or 2 failed to lay out)
+    widest = max((v.shape[0] for _, v in layers if v.ndim == 3 and v.shape[1] > 1), default=1)
+    maps_shown = min(max_maps, widest)
+    columns = max(maps_shown, 4)
     fig = Figure(figsize=(columns * 0.75 + 1.6, (len(layers) + 2) * 0.95), dpi=110, layout="constrained")
     grid = fig.add_gridspec(len(layers) + 2, columns + 1)
     ax = fig.add_subplot(grid[0:2, 0:2])
@@ -72,7 +83,7 @@ def plot_explanation(explanation: Explanation, title: str = "", max_maps: int = 
         label.axis("off")
         label.text(0.5, 0.5, f"{name}\n{'x'.join(map(str, value.shape))}", ha="center", va="center", fontsize=7)
         if value.ndim == 3 and value.shape[1] > 1:
-            shown = value[:columns]
+            shown = value[:maps_shown]
             scale = np.abs(value).max() or 1.0
             for k, channel in enumerate(shown):
                 cell = fig.add_subplot(grid[row, k + 1])
