@@ -128,3 +128,13 @@ def test_a_busy_port_is_one_line_and_exit_status_1(served_run):
                               capture_output=True, text=True, timeout=120)
     assert busy.returncode == 1 and busy.stdout == ""
     assert busy.stderr == f"lenet5 serve: error: port {server.port} is in use on 127.0.0.1\n"
+
+
+@pytest.mark.parametrize("mb", ["nan", "inf", "0", "1e-9", "5000"])
+def test_impossible_body_limits_are_one_line(served_run, capsys, mb):
+    """nan and inf were tracebacks converting to bytes; 1e-9 silently became a limit of 0 bytes."""
+    from lenet5.cli import main
+
+    assert main(["serve", str(served_run), "--max-body-mb", mb]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"lenet5 serve: error: --max-body-mb must be from 0.001 to 1024 (megabytes), got {float(mb)}"

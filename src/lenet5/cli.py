@@ -598,8 +598,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"lenet5 serve needs {e.name}: pip install 'lenet5[serve]'") from None
     import torch
 
-    if not 0 < args.port < 65536 or args.max_body_mb <= 0 or args.threads < 0 or args.workers < 1:
-        raise ConfigError("--port must be 1-65535, --max-body-mb positive, --threads not negative, --workers >= 1")
+    if not 0 < args.port < 65536 or args.threads < 0 or args.workers < 1:
+        raise ConfigError("--port must be 1-65535, --threads not negative, --workers >= 1")
+    if not (math.isfinite(args.max_body_mb) and 0.001 <= args.max_body_mb <= 1024):  # NaN passed "<= 0"
+        raise ConfigError(f"--max-body-mb must be from 0.001 to 1024 (megabytes), got {args.max_body_mb}")
     if thread_limit_problem(args.threads):
         raise ConfigError(thread_limit_problem(args.threads))
     # One thread per request: a single digit is too small to split, and requests run in parallel.
