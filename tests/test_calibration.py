@@ -135,6 +135,10 @@ def test_a_run_that_trained_on_everything_is_refused_in_one_line(mnist_dir, tmp_
     code = main(["calibrate", str(path), "--data-dir", str(mnist_dir), "--offline"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "none are left to calibrate on" in err
+    for bad in ("nan", "1.5"):  # refused before the data: NaN was found only after a minute of held-out sets
+        code = main(["calibrate", str(path), "--target-error", bad, "--data-dir", str(tmp_path / "nothing"), "--offline"])
+        assert code == 2 and capsys.readouterr().err.strip() == (f"lenet5 calibrate: error: --target-error must be "
+                                                                 f"between 0 and 1 (e.g. 0.005), got {float(bad)}")
 
 
 def test_the_service_answers_with_the_calibrated_confidence(run, mnist, tmp_path):

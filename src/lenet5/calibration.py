@@ -162,13 +162,17 @@ def threshold_for_error(confidence: torch.Tensor, correct: torch.Tensor, target:
     return threshold, 1 - (k + 1) / len(order), float(error[k])
 
 
+def check_target_error(target_error: float) -> None:
+    if not 0 < target_error < 1:  # NaN fails this too
+        raise ConfigError(f"--target-error must be between 0 and 1 (e.g. 0.005), got {target_error}")
+
+
 def calibrate(model: DigitClassifier, heldout: Split, *, target_error: float = TARGET_ERROR,
               description: str = "") -> Calibration:
     """Fit the temperature and the threshold on held-out digits (uint8 images and labels)."""
     if len(heldout) == 0:
         raise ConfigError("no held-out digits to calibrate on")
-    if not 0 < target_error < 1:
-        raise ConfigError(f"--target-error must be between 0 and 1 (e.g. 0.005), got {target_error}")
+    check_target_error(target_error)
     logits = logits_of(model, heldout.images)
     temperature = fit_temperature(logits, heldout.labels)
     probabilities = torch.softmax(logits / temperature, 1)

@@ -455,8 +455,9 @@ def _evaluate_stress(args: argparse.Namespace, mnist) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from lenet5.calibration import calibrate_checkpoint
+    from lenet5.calibration import calibrate_checkpoint, check_target_error
 
+    check_target_error(args.target_error)  # before loading the data and making the held-out sets (a minute)
     calibration, path = calibrate_checkpoint(args.checkpoint, load_data(args), device=args.device,
                                              target_error=args.target_error)
     _print_calibration(calibration, path)
