@@ -130,6 +130,32 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_healthy(serv
     assert "Traceback" not in server.output and "internal error" not in server.output
 
 
+def test_json_gets_the_json_limit_however_its_content_type_is_written(server):
+    """The body limit read the last Content-Type and stripped ASCII space only; the route read the
+    first and stripped Unicode space: a 4 MB JSON body then got the image limit and was parsed."""
+    import http.client
+
+    big = json.dumps({"pixels": [[0] * 28] * 28, "pad": [0] * 50_000}).encode()  # 150 KB of valid JSON
+
+    def send(*content_types: str) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.putrequest("POST", "/v1/predict")
+            for value in content_types:
+                connection.putheader("Content-Type", value)
+            connection.putheader("Content-Length", str(len(big)))
+            connection.endheaders(big)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    assert send("application/json", "image/png") == (400, {"error": "more than one Content-Type header"})
+    assert send("application/json\xa0") == (413, {"error": "JSON body over the 65,536-byte limit"})
+    assert send("Application/JSON; charset=utf-8") == (413, {"error": "JSON body over the 65,536-byte limit"})
+    assert server.request("GET", "/healthz")[0] == 200
+
+
 def test_bounded_load_has_no_errors(server, mnist):
     """600 single-image predictions from 6 concurrent keep-alive clients; stops by itself."""
     import http.client

@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lenet5.serve.limits import JSON_LIMIT, RequestGuard
+from lenet5.serve.limits import JSON_LIMIT, RequestGuard, media_type
 from lenet5.serve.predictor import Predictor, RequestRefused
 
 STATIC = Path(__file__).parent / "static"
@@ -93,7 +93,7 @@ def create_app(checkpoint: str | Path, *, max_body: int = DEFAULT_MAX_BODY, max_
                         "description": "crop, fit and centre like MNIST before predicting"}}}}}}})
     async def predict(request: Request, maps: bool = Query(False, description="add every layer's maps")):
         """Predict the digit in an image or a 28x28 array."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = media_type(request.headers.get("content-type", ""))
         if content_type == "application/json":
             body = await request.body()  # at most max_json bytes: RequestGuard
             return await run_in_threadpool(predictor.from_json, body, maps)  # parsing too: off the event loop
