@@ -68,4 +68,14 @@ def test_a_device_or_pipe_is_never_replaced_and_a_link_is_written_through(tmp_pa
     dangling.symlink_to("made.bin")
     atomic_write_bytes(dangling, b"made")
     assert dangling.is_symlink() and (tmp_path / "made.bin").read_bytes() == b"made"
+    loop_a, loop_b = tmp_path / "loop-a", tmp_path / "loop-b"
+    loop_a.symlink_to(loop_b.name)
+    loop_b.symlink_to(loop_a.name)
+    with pytest.raises(FileWriteError, match=rf"^{loop_a}: cannot write: Too many levels of symbolic links$"):
+        atomic_write_bytes(loop_a, b"x")
+    into_nothing = tmp_path / "into-nothing"
+    into_nothing.symlink_to("missing-folder/file.bin")
+    with pytest.raises(FileWriteError, match="No such file or directory"):
+        atomic_write_bytes(into_nothing, b"x")
+    assert not (tmp_path / "missing-folder").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

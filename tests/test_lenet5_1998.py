@@ -18,7 +18,7 @@ from lenet5.errors import ConfigError
 from lenet5.models import count_parameters, create_model
 from lenet5.models.lenet5_1998 import A, C3_TABLE, S, connections, rbf_prototypes, squash
 from lenet5.reproduce import (DISTORTION_SHARE, DISTORTION_STRENGTH, DISTORTION_SWEEPS, ETA_PER_SAMPLE, ETA_PER_SAMPLE_BATCHED, RBF_J,
-                              lecun1998_config,
+                              lecun1998_config, recipe_settings,
                               reproduce_lecun1998, write_seed_summary)
 from lenet5.train import TrainConfig, TrainingError, fit
 from lenet5.train.optim import lr_multiplier
@@ -341,7 +341,8 @@ def test_reproduce_resume_refuses_what_it_cannot_continue(mnist_dir, tmp_path, c
     capsys.readouterr()
     assert "plain: not a lecun1998 reproduction (a run of lenet5); continue a training run with lenet5 train " \
            "--resume" in refused("--resume", str(tmp_path / "plain"))
-    assert "--resume continues a reproduction as it was started; --distortions, --epochs cannot change it" in refused(
+    assert "--distortions, --epochs may not be given with --resume, which continues a reproduction as it was " \
+           "started" in refused(
         "--resume", str(tmp_path / "plain"), "--epochs", "5", "--distortions")
     seeds = tmp_path / "seeds"
     seeds.mkdir()
@@ -354,3 +355,48 @@ def test_reproduce_resume_refuses_what_it_cannot_continue(mnist_dir, tmp_path, c
         (seeds / "seeds.json").write_text(damaged)
         err = refused("--resume", str(seeds))
         assert f"{seeds / 'seeds.json'}: damaged" in err and why in err, (damaged, err)
+
+
+def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_path, monkeypatch, capsys):
+    """A run or plan from a bigger machine (32 threads) could not be continued on 2 cores: --threads
+    given with --resume was ignored, by the single run and by the seeds' child processes."""
+    import subprocess
+
+    import lenet5.cli as cli
+    import lenet5.reproduce as reproduce
+
+    class Resumed(Exception):
+        pass
+
+    def fake_resume(run_dir, data, **options):
+        raise Resumed(options)
+
+    monkeypatch.setattr(reproduce, "resume", fake_resume)
+    with pytest.raises(Resumed) as resumed:
+        reproduce.reproduce_lecun1998(None, tmp_path, threads=2, device="cpu", resume_run=True)
+    assert resumed.value.args[0] == {"callbacks": (), "threads": 2, "device": "cpu"}
+    with pytest.raises(Resumed) as resumed:  # nothing given: the run's own settings
+        reproduce.reproduce_lecun1998(None, tmp_path, resume_run=True)
+    assert resumed.value.args[0] == {"callbacks": ()}
+
+    parent = tmp_path / "seeds"
+    (parent / "seed-0" / "checkpoints").mkdir(parents=True)
+    (parent / "seed-0" / "config.json").write_text("{}")
+    (parent / "seed-0" / "checkpoints" / "last.state.pt").write_bytes(b"started")
+    plan = {"seeds": [0, 1], "distortions": False, "batch_size": 1, "epochs": 20, "device": "cpu", "threads": 32,
+            **recipe_settings(lecun1998_config())}
+    (parent / "seeds.json").write_text(json.dumps(plan))
+    children = []
+
+    def fake_run(command, **kwargs):
+        children.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "stopped by the test")
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    assert cli.main(["reproduce", "lecun1998", "--resume", str(parent), "--threads", "1", "--jobs", "1",
+                     "--data-dir", str(mnist_dir), "--offline"]) == 1
+    assert "no seed finished" in capsys.readouterr().err
+    resumed_child, new_child = sorted(children, key=lambda c: "--resume" not in c)
+    for child in (resumed_child, new_child):
+        assert child[child.index("--threads") + 1] == "1" and child[child.index("--device") + 1] == "cpu"
+    assert "--resume" in resumed_child and new_child[new_child.index("--seed") + 1] == "1"

@@ -79,8 +79,12 @@ def test_a_trickle_is_stalled_and_mirrors_that_are_no_urls_are_named(mnist_dir, 
             download(mirror, ["trickle"], tmp_path, timeout=0.3)
         assert time.monotonic() - started < 2.5
     assert list(tmp_path.iterdir()) == []
-    for bad in ("/work/shared/mnist", "notaurl", "http://[::1/", "ftp://127.0.0.1/", "http://127.0.0.1:99999/"):
-        with pytest.raises(DownloadError, match=rf"mirror '{re.escape(bad)}': not an http\(s\) URL"):
+    for bad, why in (("/work/shared/mnist", "not an http(s) URL (for local files, use --data-dir)"),
+                     ("notaurl", "not an http(s) URL"), ("ftp://127.0.0.1/", "not an http(s) URL"),
+                     ("http://[::1/", "not a usable URL (Invalid IPv6 URL)"),
+                     ("http://127.0.0.1:99999/", "not a usable URL (Port out of range 0-65535)"),
+                     ("http://127.0.0.1:0/", "port 0 is no port to download from")):
+        with pytest.raises(DownloadError, match=rf"mirror '{re.escape(bad)}': {re.escape(why)}"):
             download_file(LABELS.name, LABELS.size, LABELS.sha256, tmp_path, [bad])
     pauses = []  # the downloader's own clock only: the trickling server thread may still be sleeping
     monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=pauses.append, monotonic=time.monotonic))

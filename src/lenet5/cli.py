@@ -154,9 +154,10 @@ MAX_TIMEOUT_S, MAX_RETRIES = 86_400, 100  # a day without a byte; a hundred trie
 
 def load_data(args: argparse.Namespace, dataset: str = "mnist"):
     # NaN passed "<= 0" and reached the socket as a traceback; inf overflowed its clock
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S) or not 0 <= args.retries <= MAX_RETRIES:
-        raise ConfigError(f"--timeout must be positive seconds, at most {MAX_TIMEOUT_S} (got {args.timeout}), and "
-                          f"--retries from 0 to {MAX_RETRIES} (got {args.retries})")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        raise ConfigError(f"--timeout must be positive seconds, at most {MAX_TIMEOUT_S}, got {args.timeout}")
+    if not 0 <= args.retries <= MAX_RETRIES:
+        raise ConfigError(f"--retries must be from 0 to {MAX_RETRIES}, got {args.retries}")
     progress = DownloadProgress()
     try:
         return load_dataset(dataset, args.data_dir, download=not args.offline, mirrors=args.mirror,
@@ -177,6 +178,8 @@ def _load_data_ranked(args: argparse.Namespace, world: distributed.World, datase
 
 def cmd_train(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if thread_limit_problem(given.get("threads", 0)):  # before the data (a download, perhaps); fit checks again
+        raise ConfigError(thread_limit_problem(given["threads"]))
     if args.resume:
         if args.config or args.recipe or set(given) - {"epochs", *HOST_SETTINGS}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
@@ -246,12 +249,12 @@ PLANNED = {"distortions": False, "batch_size": 1, "epochs": 20, "seed": 0, "seed
 def cmd_reproduce(args: argparse.Namespace) -> int:
     changed = [f"--{k.replace('_', '-')}" for k, v in PLANNED.items() if getattr(args, k) != v]
     if args.resume and changed:  # they were silently ignored
-        raise ConfigError(f"--resume continues a reproduction as it was started; {', '.join(changed)} cannot change "
-                          f"it (the host settings --jobs, --threads and --device can)")
+        raise ConfigError(f"{', '.join(changed)} may not be given with --resume, which continues a reproduction as "
+                          f"it was started (only --jobs, --threads and --device, this machine's settings, may)")
     if args.batch_size <= 0 or args.epochs <= 0:
         raise ConfigError("--batch-size and --epochs must be positive")
-    if args.seeds <= 0 or args.jobs <= 0:
-        raise ConfigError("--seeds and --jobs must be positive")
+    if not 0 < args.seeds <= MAX_SEEDS or args.jobs <= 0:
+        raise ConfigError(f"--seeds must be 1 to {MAX_SEEDS:,} and --jobs positive")
     if thread_limit_problem(args.threads):
         raise ConfigError(thread_limit_problem(args.threads))
     if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
@@ -293,6 +296,7 @@ def _require_reproduction(run_dir: Path) -> None:
                       f"lenet5 train --resume")
 
 
+MAX_SEEDS = 10_000  # seeds of one multi-seed reproduction
 SEEDS_FILE = "seeds.json"  # marks a folder of per-seed reproductions, and says how to continue it
 
 
@@ -309,7 +313,7 @@ def _read_seed_plan(path: Path) -> dict[str, Any]:
     def number(v: Any) -> bool:
         return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
 
-    checks = {"seeds": lambda v: isinstance(v, list) and 0 < len(v) <= 10_000 and len(set(v)) == len(v)
+    checks = {"seeds": lambda v: isinstance(v, list) and 0 < len(v) <= MAX_SEEDS and len(set(v)) == len(v)
                                  and all(whole(k, 0, 2**32 - 1) for k in v),
               "distortions": lambda v: isinstance(v, bool), "batch_size": lambda v: whole(v, 1, 10**6),
               "epochs": lambda v: whole(v, 1, 10**6), "device": lambda v: isinstance(v, str) and 0 < len(v) <= 20,
@@ -364,12 +368,14 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
                  "--data-dir", str(data_dir)]
         if (run_dir / "report.md").is_file():
             return seed, "done before"
+        # this machine's --threads and --device when given, else the plan's (a plan may come from a bigger machine)
+        host = ["--device", args.device if args.device != "auto" else plan["device"],
+                "--threads", str(args.threads or plan["threads"])]
         if RunFolder(run_dir).holds_run():
-            child += ["--resume", str(run_dir)]
+            child += ["--resume", str(run_dir), *host]
         else:
             child += ["--seed", str(seed), "--out-dir", str(parent), "--name", run_dir.name,
-                      "--batch-size", str(plan["batch_size"]), "--epochs", str(plan["epochs"]),
-                      "--device", plan["device"], "--threads", str(plan["threads"])]
+                      "--batch-size", str(plan["batch_size"]), "--epochs", str(plan["epochs"]), *host]
             child += ["--distortions"] if plan["distortions"] else []
         done = subprocess.run(child, capture_output=True, text=True)
         lines = (done.stdout if done.returncode == 0 else done.stderr or done.stdout).strip().splitlines()

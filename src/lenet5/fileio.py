@@ -55,12 +55,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = shown = Path(path)
     tmp: Path | None = None
     try:
-        if path.is_symlink():  # write the file the link names, as open() would: the link stays a link
-            path = path.resolve()
+        linked = path.is_symlink()
+        if linked:  # write the file the link names, as open() would: the link stays a link
+            try:
+                path = path.resolve()
+            except RuntimeError:  # Python 3.11's word for a loop of links
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a folder, not a file")
         if path.exists() and not path.is_file():  # renaming over it would replace a device or a pipe
             raise OSError(errno.EINVAL, "not a regular file (a device, a pipe or a socket)")
+        if linked and not path.parent.is_dir():  # as open(): a link into a missing folder does not make it
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # the parent is a file

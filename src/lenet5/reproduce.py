@@ -204,8 +204,9 @@ def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool 
                         command: str = "") -> tuple[FitResult, Path]:
     """Train the paper's recipe into `run_dir` and write its report; returns the result and the report's path."""
     started = time.perf_counter()
-    if resume_run:
-        result = resume(run_dir, mnist, callbacks=callbacks)
+    if resume_run:  # the run keeps its config.json; this machine's threads and device, when given, replace its own
+        host = {k: v for k, v in (("threads", threads), ("device", device)) if v not in (0, "auto")}
+        result = resume(run_dir, mnist, callbacks=callbacks, **host)
     else:
         config = lecun1998_config(distortions=distortions, batch_size=batch_size, epochs=epochs, seed=seed,
                                   threads=threads, device=device)

@@ -106,11 +106,14 @@ def download_file(name: str, size: int | None, sha256: str | None, dest_dir: Pat
     for mirror in mirrors:
         try:
             parts = urllib.parse.urlsplit(mirror)
-            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
-        except ValueError:  # "http://[::1/"
-            usable = False
-        if not usable:
-            raise DownloadError(f"mirror {mirror[:200]!r}: not an http(s) URL (for local files, use --data-dir)")
+            problem = None if parts.scheme in ("http", "https") and parts.hostname else \
+                "not an http(s) URL (for local files, use --data-dir)"
+            if problem is None and parts.port == 0:
+                problem = "port 0 is no port to download from"
+        except ValueError as e:  # "http://[::1/", a port out of range
+            problem = f"not a usable URL ({e})"
+        if problem:
+            raise DownloadError(f"mirror {mirror[:200]!r}: {problem}")
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / name
     failures: list[str] = []
