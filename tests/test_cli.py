@@ -56,6 +56,39 @@ def test_train_evaluate_resume_end_to_end(data_env, tmp_path, capsys):
     code, _, err = run(capsys, "train", *common, "--out-dir", str(tmp_path), "--name", "r")
     assert code == 2 and "already holds a run; continue it with --resume" in err
 
+    # A refused resume changes nothing: "--epochs 50 --device cuda" once left 50 epochs in config.json.
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "train", "--resume", str(run_dir), "--epochs", "50", "--device", "cuda")
+        assert code != 0 and json.loads((run_dir / "config.json").read_text())["epochs"] == 3, err
+    # A training state of another optimizer is named, not a KeyError in its first step.
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "optimizer": "sgd", "lr": 0.01}))
+    code, _, err = run(capsys, "train", "--resume", str(run_dir), "--epochs", "4")
+    assert code == 1 and "last.state.pt: does not fit this run's config.json (its optimizer state is not sgd's" in err
+    assert one_line(err), err
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escaped", "a/b", "/tmp/abs"])
+def test_a_run_name_stays_inside_the_out_dir(data_env, tmp_path, capsys, name):
+    for command in (["train", "--epochs", "1"], ["reproduce", "lecun1998"]):
+        code, _, err = run(capsys, *command, "--out-dir", str(tmp_path / "runs"), "--name", name)
+        assert code == 2 and f"--name {name!r}: a run's folder name, without '/'" in err and one_line(err), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_export_refuses_to_overwrite_its_checkpoint_and_calibrate_other_data(data_env, tmp_path, capsys, checkpoint):
+    before = checkpoint.read_bytes()
+    for out in (checkpoint, checkpoint.with_suffix(".json")):
+        code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(out))
+        assert code == 2 and "that is the checkpoint being exported" in err and one_line(err), err
+    assert checkpoint.read_bytes() == before
+    long = tmp_path / ("z" * 240 + ".pt")  # a legal name (and its card's) whose temporary twin once was not
+    code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(long))
+    assert code == 0 and long.is_file(), err
+    code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--calibrate", "--train-samples", "1000",
+                       "--out-dir", str(tmp_path))
+    assert code == 2 and "--calibrate fits the digit service's 'unsure' rule on MNIST digits" in err, err
+
 
 def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, capsys):
     """`--recipe fast` takes this machine's class's options; typed options win; precision stays auto."""

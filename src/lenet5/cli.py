@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import lenet5
 from lenet5 import distributed
-from lenet5.data.catalog import dataset_names
+from lenet5.data.catalog import canonical_name, dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
@@ -176,7 +176,14 @@ def _load_data_ranked(args: argparse.Namespace, world: distributed.World, datase
     return data if data is not None else load_data(args, dataset)
 
 
+def check_run_name(name: str | None) -> None:
+    """A --name is one folder inside --out-dir ('../x', '/tmp/x', 'a/b' and '.' wrote elsewhere)."""
+    if name is not None and (name in (".", "..") or "/" in name or os.sep in name or (os.altsep or "/") in name):
+        raise ConfigError(f"--name {name[:80]!r}: a run's folder name, without '/' (the folder goes in --out-dir)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    check_run_name(getattr(args, "name", None))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if thread_limit_problem(given.get("threads", 0)):  # before the data (a download, perhaps); fit checks again
         raise ConfigError(thread_limit_problem(given["threads"]))
@@ -200,6 +207,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
         config = TrainConfig.from_dict({**base, **given})
+        if args.calibrate and canonical_name(config.dataset) != "mnist":  # its held-out and stress sets are MNIST's
+            raise ConfigError(f"--calibrate fits the digit service's 'unsure' rule on MNIST digits; it does not apply "
+                              f"to --dataset {config.dataset[:80]}: add --no-calibrate")
         if args.calibrate and not 0 < config.train_samples < 60_000:
             raise ConfigError("--calibrate needs training digits the run does not train on: give --train-samples "
                               "below 60,000 (e.g. 55000), or --no-calibrate")
@@ -209,12 +219,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             data = _load_data_ranked(args, world, dataset)
             progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
+            args.run_dir = args.resume  # for the hint after Ctrl-C
             result = resume(args.resume, data, epochs=given.get("epochs"),
                             callbacks=progress, **{k: v for k, v in given.items() if k in HOST_SETTINGS})
         else:
             name = args.name or distributed.broadcast(f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}")
             run_dir = args.out_dir / name
             RunFolder(run_dir).claim()  # before loading the data; fit checks again
+            args.run_dir = run_dir
             data = _load_data_ranked(args, world, dataset)
             progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
             result = fit(config, data, run_dir, callbacks=progress)
@@ -247,6 +259,7 @@ PLANNED = {"distortions": False, "batch_size": 1, "epochs": 20, "seed": 0, "seed
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    check_run_name(args.name)
     changed = [f"--{k.replace('_', '-')}" for k, v in PLANNED.items() if getattr(args, k) != v]
     if args.resume and changed:  # they were silently ignored
         raise ConfigError(f"{', '.join(changed)} may not be given with --resume, which continues a reproduction as "
@@ -584,6 +597,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or Path(f"{checkpoint.meta['model']}{suffix}")
+    source = {checkpoint.path.resolve(), checkpoint.path.with_suffix(".json").resolve()}
+    if out.resolve() in source or out.with_suffix(".model-card.md").resolve() in source:
+        raise ConfigError(f"--out {out}: that is the checkpoint being exported (or its sidecar); choose another path")
     data = None if args.no_check else load_data(args, args.dataset or checkpoint.dataset)
     result = export_checkpoint(checkpoint, out, args.format, data, args.check_images)
     print(f"wrote {result['path']} ({args.format}, {result['bytes']:,} bytes) and {result['model_card']}")
@@ -856,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        hint = " (continue with `lenet5 train --resume RUN_DIR`)" if args.command == "train" else ""
+        hint = f" (continue with `lenet5 train --resume {getattr(args, 'run_dir', None) or 'RUN_DIR'}`)" \
+            if args.command == "train" else ""
         print(f"lenet5 {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

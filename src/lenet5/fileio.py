@@ -22,7 +22,8 @@ TMP_SUFFIX = ".tmp"
 
 def temp_path_for(path: Path) -> Path:
     """A fresh hidden name beside `path` for its temporary copy: `.NAME.RANDOM.tmp`."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    short = path.name.encode()[:200].decode(errors="ignore")  # a legal 250-byte name stays legal with the extras
+    return path.with_name(f".{short}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
 def create_temp(path: Path) -> tuple[int, Path]:

@@ -265,6 +265,10 @@ def _restore(folder: RunFolder, step: TrainStep, config: TrainConfig) -> list[di
         history: list[dict[str, Any]] = []
     else:
         try:
+            saved = {k for group in state["optimizer"]["param_groups"] for k in group if k != "params"}
+            wanted = {k for group in step.optimizer.param_groups for k in group if k != "params"}
+            if saved != wanted:  # load_state_dict takes another optimizer's state; its step() then fails
+                raise ValueError(f"its optimizer state is not {config.optimizer}'s, the optimizer config.json names")
             step.model.load_state_dict(state["model"])  # copies into the channels_last weights
             step.optimizer.load_state_dict(state["optimizer"])
             step.scheduler.load_state_dict(state["scheduler"])
@@ -353,12 +357,17 @@ def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
     threads, eval_batch_size, compile) for this session; config.json keeps the run's own."""
     folder = RunFolder(run_dir).require()
     config = TrainConfig.from_json(folder.config, required=("model", "optimizer", "lr", "batch_size", "epochs"))
-    if epochs is not None:
-        config.epochs = epochs
-        config.validate()
-        folder.write_config(config.to_dict())
     unknown = sorted(set(host) - set(HOST_SETTINGS))
     if unknown:
         raise ConfigError(f"--resume may change only {', '.join(HOST_SETTINGS)} and --epochs, not {', '.join(unknown)}")
+    if epochs is not None:  # written once everything else is known to be usable: a refused resume changes nothing
+        planned = dataclasses.replace(config, epochs=epochs)  # validates
+        session = dataclasses.replace(planned, **host)
+        resolve_device(session.device)  # "CUDA is not available" before, not after, the run's config changes
+        problem = thread_limit_problem(session.threads)
+        if problem:
+            raise ConfigError(problem + "; a resumed run may set its own with --threads")
+        folder.write_config(planned.to_dict())
+        config = planned
     config = dataclasses.replace(config, **host)  # validates
     return fit(config, data, folder.path, callbacks=callbacks, resume=True)
