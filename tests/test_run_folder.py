@@ -229,3 +229,32 @@ def test_a_run_that_reached_stop_at_stays_finished_on_resume(mnist, reference, t
     finally:
         torch.set_num_threads(threads)
     assert len(result.history) == 3 and result.metrics["epochs"] == 3
+
+
+def test_one_training_at_a_time_in_a_folder(mnist, tmp_path):
+    """Two trainings started on one folder once both ran, the config of one beside the history of the
+    other, and the resume that followed crashed. The second is refused; the lock goes with its holder."""
+    import subprocess
+    import sys
+
+    from lenet5.errors import ConfigError
+    from lenet5.run_folder import RunFolder
+    from lenet5.train import TrainConfig, fit, resume
+
+    config = TrainConfig(model="lenet5", optimizer="adam", batch_size=100, epochs=1, train_samples=500,
+                         test_samples=100)
+    folder = RunFolder(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from lenet5.run_folder import RunFolder\n"
+        f"with RunFolder({str(folder.path)!r}).lock():\n"
+        "    print('held', flush=True); sys.stdin.readline()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"run is in use by another training \(process {holder.pid}\)"):
+            fit(config, mnist, folder.path)
+        assert not folder.is_run_folder()  # nothing of this one was written
+    finally:
+        holder.communicate("\n", timeout=30)  # the holder ends, and its lock with it
+    fit(config, mnist, folder.path)
+    assert len(resume(folder.path, mnist, epochs=2).history) == 2

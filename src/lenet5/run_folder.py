@@ -14,17 +14,22 @@ commit record of epoch N or N-1 and derived files of at most that epoch, and `re
 every derived file from the commit record before training on, so they agree again. `best` is
 only ever written for the committed epoch, so an older best is never lost. Half-written
 temporary files (`.NAME.RANDOM.tmp`) are removed whenever a run starts or resumes.
+
+One process trains in a folder at a time: `RUN/.lock` is held (an advisory flock, released by
+the system however the process ends) while a run trains, and a second `train` or `--resume` of
+the same folder is refused instead of mixing its files into the first one's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -37,6 +42,7 @@ from lenet5.plots import plot_curves
 # Test hook, read by tests/test_run_folder.py only: "FILE:EPOCH" (e.g. "last.state.pt:2") kills
 # this process with SIGKILL while it writes FILE for EPOCH, leaving a half-written temporary file.
 TEST_CRASH_ENV = "LENET5_TEST_CRASH_AT"
+LOCK_FILE = ".lock"
 CHECKPOINT_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc")
 
 
@@ -69,6 +75,29 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process while it trains; ConfigError if another holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows): one process a folder is then the user's to keep
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 20).decode(errors="replace").strip() or "?"
+                raise ConfigError(f"{self.path} is in use by another training (process {holder}); wait for it to "
+                                  "end, or pick another --name") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------ what is there
     def is_run_folder(self) -> bool:

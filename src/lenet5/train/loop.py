@@ -16,8 +16,10 @@ recipe this project reproduces, the test set plays the validation set (and the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -162,20 +164,23 @@ def fit(config: TrainConfig, data: Dataset, run_dir: str | Path, *, callbacks: S
     settings `lenet5 train` makes first, `lenet5.runtime.tune_allocator()` and `flush_denormals()`,
     are the caller's to make (see their docstrings).
     """
+    config.validate()  # these before the folder is touched
+    problem = thread_limit_problem(config.threads)  # here, not in validate: a config.json may come from a bigger machine
+    if problem:
+        raise ConfigError(problem + ("; a resumed run may set its own with --threads" if resume else ""))
+    if canonical_name(data.name) != canonical_name(config.dataset):
+        raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     threads = torch.get_num_threads()
+    # rank 0 alone writes the folder, so it alone holds it (two trainings once mixed their files in one)
+    held = RunFolder(run_dir).lock() if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        return _fit(config, data, Path(run_dir), callbacks, resume)
+        with held:
+            return _fit(config, data, Path(run_dir), callbacks, resume)
     finally:
         torch.set_num_threads(threads)  # the governor's or --threads' count stays inside the run
 
 
 def _fit(config: TrainConfig, data: Dataset, run_dir: Path, callbacks: Sequence[Callback], resume: bool) -> FitResult:
-    config.validate()
-    threads = thread_limit_problem(config.threads)  # here, not in validate: a config.json may come from a bigger machine
-    if threads:
-        raise ConfigError(threads + ("; a resumed run may set its own with --threads" if resume else ""))
-    if canonical_name(data.name) != canonical_name(config.dataset):
-        raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     world, device, governor = _start(config)
     callbacks = callbacks if world.is_main else ()
     splits = _splits(config, data, device, world)
