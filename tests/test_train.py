@@ -86,6 +86,9 @@ def test_resume_extends_a_finished_run_and_rejects_a_non_run(mnist, tmp_path):
     fit(config, mnist, tmp_path / "run")
     longer = resume(tmp_path / "run", mnist, epochs=2)
     assert [r["epoch"] for r in longer.history] == [1, 2]
+    with pytest.raises(ConfigError, match="--epochs 1 is fewer than the 2 the run has already trained"):
+        resume(tmp_path / "run", mnist, epochs=1)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["epoch"] == 2
     with pytest.raises(CheckpointError, match="not a run folder"):
         resume(tmp_path, mnist)

@@ -372,6 +372,9 @@ def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
         problem = thread_limit_problem(session.threads)
         if problem:
             raise ConfigError(problem + "; a resumed run may set its own with --threads")
+        committed = len((folder.load_commit() or {}).get("history", []))
+        if epochs < committed:  # it once "succeeded", leaving config.json at fewer epochs than the history
+            raise ConfigError(f"--epochs {epochs} is fewer than the {committed} the run has already trained")
         folder.write_config(planned.to_dict())
         config = planned
     config = dataclasses.replace(config, **host)  # validates
