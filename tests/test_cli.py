@@ -82,6 +82,9 @@ def test_export_refuses_to_overwrite_its_checkpoint_and_calibrate_other_data(dat
         code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(out))
         assert code == 2 and "that is the checkpoint being exported" in err and one_line(err), err
     assert checkpoint.read_bytes() == before
+    bundled = tmp_path / "bundled.pt"  # no checkpoint given: the bundled model, as predict, explain and serve
+    code, out, err = run(capsys, "export", "--no-check", "--format", "torchscript", "--out", str(bundled))
+    assert code == 0 and bundled.is_file() and "using the bundled model" in err, err
     long = tmp_path / ("z" * 240 + ".pt")  # a legal name (and its card's) whose temporary twin once was not
     code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(long))
     assert code == 0 and long.is_file(), err

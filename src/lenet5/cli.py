@@ -594,7 +594,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.check_images <= 0:
         raise ConfigError("--check-images must be positive")
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(_checkpoint_or_bundled(args.checkpoint))  # as predict, explain and serve
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or Path(f"{checkpoint.meta['model']}{suffix}")
     source = {checkpoint.path.resolve(), checkpoint.path.with_suffix(".json").resolve()}
@@ -799,7 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Export a checkpoint (input: float images N x 1 x 28 x 28, MNIST-style, "
                                          "any N; output: scores N x 10), check the export against PyTorch on test "
                                          "digits, and write a model card beside it.")
-    xp.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    xp.add_argument("checkpoint", type=Path, nargs="?",
+                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)")
     xp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
     xp.add_argument("--out", type=Path, help="output file (default: MODEL.onnx or MODEL.pt here)")
     xp.add_argument("--check-images", type=int, default=1000, help="test digits for the check (default: 1000)")
