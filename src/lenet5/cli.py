@@ -25,7 +25,7 @@ from lenet5.data.catalog import canonical_name, dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.hardware import hardware_class, thread_limit_problem
+from lenet5.hardware import check_threads, hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
@@ -185,8 +185,7 @@ def check_run_name(name: str | None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     check_run_name(getattr(args, "name", None))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    if thread_limit_problem(given.get("threads", 0)):  # before the data (a download, perhaps); fit checks again
-        raise ConfigError(thread_limit_problem(given["threads"]))
+    check_threads(given.get("threads", 0))  # before the data (a download, perhaps); fit checks again
     if args.resume:
         if args.config or args.recipe or set(given) - {"epochs", *HOST_SETTINGS}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
@@ -268,8 +267,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --epochs must be positive")
     if not 0 < args.seeds <= MAX_SEEDS or args.jobs <= 0:
         raise ConfigError(f"--seeds must be 1 to {MAX_SEEDS:,} and --jobs positive")
-    if thread_limit_problem(args.threads):
-        raise ConfigError(thread_limit_problem(args.threads))
+    check_threads(args.threads)
     if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
         return _reproduce_seeds(args)
     mode = "distortions" if args.distortions else "plain"
@@ -625,8 +623,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--port must be 1-65535, --threads not negative, --workers >= 1")
     if not (math.isfinite(args.max_body_mb) and 0.001 <= args.max_body_mb <= 1024):  # NaN passed "<= 0"
         raise ConfigError(f"--max-body-mb must be from 0.001 to 1024 (megabytes), got {args.max_body_mb}")
-    if thread_limit_problem(args.threads):
-        raise ConfigError(thread_limit_problem(args.threads))
+    check_threads(args.threads)
     # One thread per request: a single digit is too small to split, and requests run in parallel.
     torch.set_num_threads(args.threads or 1)
     check_port(args.host, args.port)  # before "serving on ...": a busy port is one line and exit 1

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lenet5.errors import ConfigError
+
 # oneDNN's ISA names, lowest to highest (docs: "CPU dispatcher control"); a cap below
 # AVX512_CORE_BF16 leaves the CPU's bf16 instructions unused.
 _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
@@ -125,6 +127,13 @@ def thread_limit_problem(threads: int, option: str = "--threads") -> str | None:
         return (f"{option} must be at most {most} ({THREADS_PER_CORE} per core of the {usable_cores()} this process "
                 f"may use), got {threads}")
     return None
+
+
+def check_threads(threads: int, advice: str = "") -> None:
+    """ConfigError (with `advice` after the reason) unless `threads` is a thread count for this machine."""
+    problem = thread_limit_problem(threads)
+    if problem:
+        raise ConfigError(problem + advice)
 
 
 def _cgroup_quota() -> float | None:

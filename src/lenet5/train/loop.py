@@ -36,7 +36,7 @@ from lenet5.data.transforms import compose, random_hflip
 from lenet5.distributed import World
 from lenet5.errors import CheckpointError, ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import EVAL_BATCH, evaluate
-from lenet5.hardware import thread_limit_problem, usable_cores
+from lenet5.hardware import check_threads, usable_cores
 from lenet5.models import DigitClassifier, count_parameters
 from lenet5.run_folder import RunFolder, best_record, selection_key
 from lenet5.runtime import environment, resolve_device
@@ -51,6 +51,7 @@ from lenet5.train.threads import ThreadGovernor
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "seconds",
                   "threads")
 VAL_FIELDS = ("val_loss", "val_acc")  # with TrainConfig.val_split
+RESUME_THREADS = "; a resumed run may set its own with --threads"
 EVAL_TRAIN_FIELDS = ("train_eval_loss", "train_eval_acc")  # with TrainConfig.eval_train
 # The held-out images are the same for every seed, so runs of different seeds and recipes are
 # chosen on the same images.
@@ -165,9 +166,8 @@ def fit(config: TrainConfig, data: Dataset, run_dir: str | Path, *, callbacks: S
     are the caller's to make (see their docstrings).
     """
     config.validate()  # these before the folder is touched
-    problem = thread_limit_problem(config.threads)  # here, not in validate: a config.json may come from a bigger machine
-    if problem:
-        raise ConfigError(problem + ("; a resumed run may set its own with --threads" if resume else ""))
+    # here, not in validate: a config.json may come from a bigger machine
+    check_threads(config.threads, RESUME_THREADS if resume else "")
     if canonical_name(data.name) != canonical_name(config.dataset):
         raise ConfigError(f"the run's --dataset is {config.dataset}, but the data given is {data.name}")
     threads = torch.get_num_threads()
@@ -369,9 +369,7 @@ def resume(run_dir: str | Path, data: Dataset, *, epochs: int | None = None,
         planned = dataclasses.replace(config, epochs=epochs)  # validates
         session = dataclasses.replace(planned, **host)
         resolve_device(session.device)  # "CUDA is not available" before, not after, the run's config changes
-        problem = thread_limit_problem(session.threads)
-        if problem:
-            raise ConfigError(problem + "; a resumed run may set its own with --threads")
+        check_threads(session.threads, RESUME_THREADS)
         committed = len((folder.load_commit() or {}).get("history", []))
         if epochs < committed:  # it once "succeeded", leaving config.json at fewer epochs than the history
             raise ConfigError(f"--epochs {epochs} is fewer than the {committed} the run has already trained")
