@@ -33,10 +33,12 @@ def cli_options(**overrides) -> list[str]:
     return args
 
 
-def torchrun(mnist_dir: Path, cwd: Path, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(mnist_dir: Path, cwd: Path, *argv: str, nproc: int = 2, script: Path | None = None,
+             launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "LENET5_DATA": str(mnist_dir), "LENET5_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    program = [str(script)] if script else ["-m", "lenet5"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "lenet5", "train", *argv]
+               *launcher, *program, "train", *argv]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -112,3 +114,40 @@ def test_a_global_batch_that_leaves_a_rank_empty_is_refused(mnist_dir, tmp_path)
     done = torchrun(mnist_dir, tmp_path, *cli_options(epochs=1, train_samples=631), "--out-dir", "runs")
     assert done.returncode != 0
     assert "lenet5 train: error: --batch-size 63 is the global batch" in done.stderr
+
+
+# Rank 1 dies (as if killed) when its second epoch begins; rank 0 is then alone in a collective.
+DYING_RANK = """
+import os, sys
+import lenet5.train.loop as loop
+from lenet5.cli import main
+
+if os.environ["RANK"] == "1":
+    epoch_of = loop._train_and_evaluate
+    def dying(step, splits, config, epoch, callbacks):
+        if epoch == 1:  # counted from 0: the second epoch
+            os._exit(7)
+        return epoch_of(step, splits, config, epoch, callbacks)
+    loop._train_and_evaluate = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(single, mnist_dir, tmp_path):
+    _, reference, initial = single
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    # torchrun looks at its workers every 5 s here, so rank 0 has time to report before it is stopped
+    done = torchrun(mnist_dir, tmp_path, *cli_options(epochs=2), "--out-dir", "runs", "--name", "ddp",
+                    script=script, launcher=("--monitor-interval", "5"))
+    assert done.returncode != 0
+    run_dir = tmp_path / "runs" / "ddp"
+    assert (f"lenet5 train: error: rank 0 of 2: another process of this run stopped or cannot be reached"
+            in done.stderr), done.stderr[-3000:]
+    assert "--resume runs/ddp`" in done.stderr  # the folder as the command named it
+    assert "[rank0]: Traceback" not in done.stderr and "GLHF" not in done.stderr
+    # The folder kept epoch 1 and finishes as if nothing had happened.
+    assert load_checkpoint(run_dir).meta["epoch"] == 1
+    again = torchrun(mnist_dir, tmp_path, "--resume", str(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_weights(weights(run_dir), reference, initial)

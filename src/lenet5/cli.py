@@ -229,6 +229,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             data = _load_data_ranked(args, world, dataset)
             progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
             result = fit(config, data, run_dir, callbacks=progress)
+    except RuntimeError as e:
+        lost = distributed.peer_lost(e, world, getattr(args, "run_dir", None))
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         distributed.shutdown()
     if not world.is_main:

@@ -18,13 +18,14 @@ The split of the work, decided here and used by the training loop:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lenet5.errors import ConfigError
+from lenet5.errors import ConfigError, Lenet5Error
 
 
 @dataclass(frozen=True)
@@ -113,3 +114,31 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What Gloo and NCCL say when the other end of a collective went away (a rank killed, a machine
+# lost): DDP's gradient hooks raise them as plain RuntimeErrors, the collectives as DistErrors.
+_PEER_LOST = re.compile(r"gloo|nccl|connection (?:reset|closed|refused)|broken pipe|socket timeout", re.IGNORECASE)
+
+
+class PeerLost(Lenet5Error):
+    """Another process of a torchrun run stopped or became unreachable mid-run."""
+
+
+def peer_lost(error: BaseException, world: World, run_dir: object) -> PeerLost | None:
+    """A one-line error for a collective that failed because a peer died; None for anything else.
+
+    Without this, each surviving rank printed some 30 lines of PyTorch's traceback ending in
+    "Connection reset by peer ... GLHF!", and nothing said that the run can be continued.
+    """
+    if not world.distributed or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or _PEER_LOST.search(text)):
+        return None
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")  # gloo's "[file.cc:537] "
+    reason = reason.split(". This is typically")[0][:200] or type(error).__name__
+    where = f" {run_dir}" if run_dir else " RUN_DIR"
+    return PeerLost(f"rank {world.rank} of {world.size}: another process of this run stopped or cannot be reached "
+                    f"({reason}); the run folder keeps its last finished epoch: start the run again with "
+                    f"`torchrun ... -m lenet5 train --resume{where}`")
