@@ -88,6 +88,7 @@ def test_export_refuses_to_overwrite_its_checkpoint_and_calibrate_other_data(dat
     long = tmp_path / ("z" * 240 + ".pt")  # a legal name (and its card's) whose temporary twin once was not
     code, _, err = run(capsys, "export", str(checkpoint), "--no-check", "--format", "torchscript", "--out", str(long))
     assert code == 0 and long.is_file(), err
+    assert (tmp_path / ("z" * 238 + ".pt.model-card.md")).is_file()  # its card's name cut to 255 bytes
     code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--calibrate", "--train-samples", "1000",
                        "--out-dir", str(tmp_path))
     assert code == 2 and "--calibrate fits the digit service's 'unsure' rule on MNIST digits" in err, err

@@ -142,7 +142,7 @@ def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(single, mnist_d
                     script=script, launcher=("--monitor-interval", "5"))
     assert done.returncode != 0
     run_dir = tmp_path / "runs" / "ddp"
-    assert (f"lenet5 train: error: rank 0 of 2: another process of this run stopped or cannot be reached"
+    assert ("lenet5 train: error: rank 0 of 2: another process of this run stopped or cannot be reached"
             in done.stderr), done.stderr[-3000:]
     assert "--resume runs/ddp`" in done.stderr  # the folder as the command named it
     assert "[rank0]: Traceback" not in done.stderr and "GLHF" not in done.stderr

@@ -29,9 +29,17 @@ def test_export_matches_pytorch_on_1000_test_digits(trained_lenet5, mnist, tmp_p
     check = result["check"]
     assert check["identical_classes"] and check["same_class"] == 1000
     assert check["max_abs_difference"] < 1e-4
-    card = (tmp_path / "model.model-card.md").read_text()
-    assert "# Model card: lenet5" in card and f"{result['test_accuracy']:.2%}" in card
+    card = (tmp_path / f"model.{fmt}.model-card.md").read_text()
+    assert "# Model card: lenet5" in card and f"model.{fmt}" in card and f"{result['test_accuracy']:.2%}" in card
     assert "centre of mass at pixel (14, 14)" in card
+
+
+def test_the_two_formats_of_one_stem_keep_their_own_cards(trained_lenet5, tmp_path):
+    for fmt, suffix in (("onnx", "onnx"), ("torchscript", "pt")):
+        export_checkpoint(trained_lenet5, tmp_path / f"model.{suffix}", fmt, None)
+    for suffix in ("onnx", "pt"):
+        card = (tmp_path / f"model.{suffix}.model-card.md").read_text()
+        assert f"model.{suffix}" in card and f"model.{'pt' if suffix == 'onnx' else 'onnx'}" not in card
 
 
 def test_onnx_has_a_dynamic_batch_and_the_1998_scores(mnist, tmp_path):

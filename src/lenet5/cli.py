@@ -593,7 +593,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lenet5.checkpoint import load_checkpoint
-    from lenet5.export import export_checkpoint
+    from lenet5.export import card_path, export_checkpoint
 
     if args.check_images <= 0:
         raise ConfigError("--check-images must be positive")
@@ -601,7 +601,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     suffix = ".onnx" if args.format == "onnx" else ".pt"
     out = args.out or Path(f"{checkpoint.meta['model']}{suffix}")
     source = {checkpoint.path.resolve(), checkpoint.path.with_suffix(".json").resolve()}
-    if out.resolve() in source or out.with_suffix(".model-card.md").resolve() in source:
+    if out.resolve() in source or card_path(out).resolve() in source:
         raise ConfigError(f"--out {out}: that is the checkpoint being exported (or its sidecar); choose another path")
     data = None if args.no_check else load_data(args, args.dataset or checkpoint.dataset)
     result = export_checkpoint(checkpoint, out, args.format, data, args.check_images)

@@ -145,7 +145,7 @@ def model_card(checkpoint: Checkpoint, *, test_accuracy: float | None, export_ch
 Registry name `{meta['model']}`, arguments {meta.get('model_args') or '{}'}, {count_parameters(model):,} trainable
 parameters. Checkpoint `{checkpoint.path.name}`, epoch {meta.get('epoch')}, written by lenet5
 {meta.get('lenet5_version')} with torch {meta.get('torch_version')}.
-
+{f"This card describes the export `{exported.name}`." + chr(10) if exported else ""}
 ## Data
 {data}
 Classes, by output index: {names}.
@@ -169,9 +169,17 @@ Output: scores (N, {len(checkpoint.classes)}); argmax = class index (above), sof
 """
 
 
+def card_path(out: Path) -> Path:
+    """`model.onnx` -> `model.onnx.model-card.md`: the ONNX and TorchScript exports of one stem
+    each keep their own card (named by the stem alone, the second export overwrote the first's)."""
+    tail = out.suffix + ".model-card.md"
+    stem = out.stem.encode()[:255 - len(tail.encode())].decode(errors="ignore")  # NAME_MAX: a long legal name
+    return out.with_name(stem + tail)
+
+
 def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, data: Dataset | None,
                       check_images: int = 1000) -> dict[str, Any]:
-    """Export, check against PyTorch on test digits and write `<out>.model-card.md` beside it."""
+    """Export, check against PyTorch on test digits and write its model card beside it (`card_path`)."""
     from lenet5.evaluate import evaluate
 
     out = Path(out)
@@ -187,7 +195,7 @@ def export_checkpoint(checkpoint: Checkpoint, out: str | Path, fmt: str, data: D
         result["check"] = check_export(checkpoint, out, fmt, data.test.images[:check_images])
         accuracy = evaluate(checkpoint.model.to("cpu"), data.test.images, data.test.labels)[1]
         result["test_accuracy"] = accuracy
-    card = out.with_name(out.stem + ".model-card.md")
+    card = card_path(out)
     atomic_write_text(card, model_card(checkpoint, test_accuracy=accuracy, export_check=result.get("check"),
                                        exported=out))
     result["model_card"] = str(card)
