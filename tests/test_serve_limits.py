@@ -4,6 +4,7 @@ large images, clients that send slowly or leave, /healthz under load, a busy por
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lenet5.serve.app import DEFAULT_DECODES
-from lenet5.serve.limits import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
+from lenet5.serve.limits import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT, MAX_CONCURRENT
 from serving import Server
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
@@ -120,6 +121,38 @@ def test_slow_and_vanishing_clients_are_cut_off_quietly(served_run):
             clients[name].close()
         assert server.request("GET", "/healthz")[0] == 200
         assert "Traceback" not in server.output and "Error" not in server.output, server.output
+
+
+def test_over_64_requests_in_flight_get_a_json_503_and_healthz_still_answers(served_run):
+    """64 uploads whose bodies stall hold every slot; the 65th request is refused in JSON with
+    Retry-After (uvicorn's own limit answered in plain text, and /healthz too). Invalid HTTP is a
+    JSON 400 (uvicorn's was plain text)."""
+    with Server(served_run) as server:
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n\x89PNG")
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(MAX_CONCURRENT)]
+        try:
+            for client in stalled:
+                client.sendall(head)
+            time.sleep(1.0)  # each is now a request in flight, waiting for the rest of its body
+            status, body = server.request("POST", "/v1/predict", b"\x89PNG", {"Content-Type": "image/png"})
+            assert status == 503 and json.loads(body)["error"].startswith("busy: 64 requests in flight"), body
+            assert server.request("GET", "/healthz")[0] == 200  # alive, though busy
+        finally:
+            for client in stalled:
+                client.close()
+        deadline = time.monotonic() + 10
+        while (status := server.request("POST", "/v1/predict", b"x", {"Content-Type": "image/png"})[0]) == 503 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status == 422  # the slots came back: an undecodable image is judged again
+
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+            _, data = answer_of(client, 5)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"application/json" in data, data
+        assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"].startswith("not a valid HTTP request")
+        assert "Traceback" not in server.output, server.output
 
 
 def test_a_busy_port_is_one_line_and_exit_status_1(served_run):

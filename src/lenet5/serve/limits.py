@@ -5,7 +5,9 @@ that stay one line. Two layers, outermost first:
   arrive within HEAD_TIMEOUT seconds and HEAD_BYTES bytes, or the connection gets a 408/431
   and is closed; this also closes connections that never send anything. Over MAX_CONNECTIONS
   open connections, a new one is closed at once, before it can use up file descriptors.
-- `RequestGuard`, ASGI middleware: the body limit (JSON_LIMIT for JSON, the image limit for
+- `RequestGuard`, ASGI middleware: at most MAX_CONCURRENT requests in flight (more get a JSON
+  503 with Retry-After; `/healthz` is neither counted nor refused, so a busy server still says
+  it is alive); the body limit (JSON_LIMIT for JSON, the image limit for
   the rest), by Content-Length and while streaming (413, after reading up to DRAIN_BYTES more
   so that the client, still sending, can read it); a body must keep coming
   (BODY_IDLE_TIMEOUT without a byte, or BODY_TIMEOUT in all, is a 408); and any exception the
@@ -16,6 +18,7 @@ that stay one line. Two layers, outermost first:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from starlette.requests import ClientDisconnect
@@ -25,8 +28,10 @@ JSON_LIMIT = 64 * 1024  # 28x28 pixels take under 20 KB even written as "255.0, 
 HEAD_TIMEOUT, HEAD_BYTES = 10.0, 64 * 1024
 BODY_IDLE_TIMEOUT, BODY_TIMEOUT = 10.0, 60.0  # 60 s: 4 MB at 0.5 Mbit/s
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection is kept (uvicorn's default, stated)
-MAX_CONCURRENT = 64  # connections or requests at once; more get a 503 from uvicorn
+MAX_CONCURRENT = 64  # requests in flight at once (/healthz aside); more get a 503
 MAX_CONNECTIONS = 256  # open sockets at once; more are closed as they come
+RETRY_AFTER = 1  # seconds a client refused for load is asked to wait
+HEALTH_PATH = "/healthz"
 DRAIN_BYTES, DRAIN_TIMEOUT = 16 * 1024 * 1024, 5.0  # read of a refused body, so its client sees the 413
 
 log = logging.getLogger("lenet5.serve")
@@ -96,12 +101,25 @@ def media_type(content_type: str) -> str:
 class RequestGuard:
     """ASGI middleware: body limits and timeouts, and a one-line JSON answer for every failure."""
 
-    def __init__(self, app, max_body: int, max_json: int = JSON_LIMIT):
+    def __init__(self, app, max_body: int, max_json: int = JSON_LIMIT, max_in_flight: int = MAX_CONCURRENT):
         self.app, self.max_body, self.max_json = app, max_body, max_json
+        self.max_in_flight, self.in_flight = max_in_flight, 0  # one event loop per process: no lock needed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") == HEALTH_PATH:
             return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            # uvicorn's own limit answered this in plain text, /healthz included
+            response = JSONResponse({"error": f"busy: {self.max_in_flight} requests in flight; retry shortly"}, 503,
+                                    headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope, receive, send):
         headers = dict(scope["headers"])
         types = [value for name, value in scope["headers"] if name == b"content-type"]
         is_json = media_type(types[0].decode("latin-1")) == "application/json" if types else False
@@ -143,7 +161,8 @@ except ImportError:  # uvicorn without its [standard] extras: uvicorn's own prot
 else:
     class GuardedHttpTools(HttpToolsProtocol):
         """uvicorn's httptools protocol with a deadline and a size limit for each request head,
-        and a cap on open connections. Uses the parser callbacks httptools names."""
+        a cap on open connections, and a JSON 400 for a request that is not valid HTTP. Uses the
+        parser callbacks httptools names."""
 
         head_timer: asyncio.TimerHandle | None = None
         head_bytes = 0
@@ -186,12 +205,15 @@ else:
                 self.head_timer.cancel()
                 self.head_timer = None
 
+        def send_400_response(self, msg: str) -> None:  # uvicorn's is plain text
+            self._refuse(400, f"not a valid HTTP request: {msg}")
+
         def _refuse(self, status: int, message: str) -> None:
             self._stop_head()
             if self.transport.is_closing():
                 return
-            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
-            body = b'{"error":"' + message.encode() + b'"}'
+            reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            body = json.dumps({"error": message}, separators=(",", ":")).encode()
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                                  b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
             self.transport.close()

@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 from lenet5.errors import Lenet5Error
-from lenet5.serve.limits import KEEP_ALIVE, MAX_CONCURRENT, GuardedHttpTools
+from lenet5.serve.limits import KEEP_ALIVE, MAX_CONCURRENT, MAX_CONNECTIONS, GuardedHttpTools
 
 
 class ServeError(Lenet5Error):
@@ -32,10 +32,16 @@ def check_port(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def backstop() -> int:
+    """uvicorn's own concurrency limit (a plain-text 503 for every path): out of the way where
+    GuardedHttpTools caps connections and RequestGuard counts requests; the only bound without them."""
+    return MAX_CONNECTIONS + MAX_CONCURRENT if GuardedHttpTools else MAX_CONCURRENT
+
+
 def run_server(app: Any, *, host: str, port: int, workers: int = 1, factory: bool = False) -> None:
     """uvicorn.run with the service's connection bounds: an app, or an import string with `factory`."""
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, workers=workers if workers > 1 else None, factory=factory,
-                http=GuardedHttpTools or "auto", timeout_keep_alive=KEEP_ALIVE, limit_concurrency=MAX_CONCURRENT,
+                http=GuardedHttpTools or "auto", timeout_keep_alive=KEEP_ALIVE, limit_concurrency=backstop(),
                 log_level="warning", access_log=False)
