@@ -8,7 +8,10 @@ test accuracy soonest, and at what cost per step relative to keras-lenet on this
 A candidate is `KIND-C1-C2[-hH][-valid]`: conv C1@5x5 (padded, or unpadded with `-valid`), pool,
 conv C2@5x5 (unpadded), pool, [dense H,] dense 10; KIND `relu` (ReLU, max pooling, as keras-lenet) or `tanh` (tanh, average
 pooling, as the classic lenet5). A spec is `CANDIDATE:LR:BATCH:EPOCHS:SEEDS` (Adam, one-cycle
-with 20% warm-up, fp32). Registered models (`slim-lenet`, `lenet5`, `keras-lenet`) work too.
+with 20% warm-up, fp32; SEEDS is a count from seed 0 or a range such as `10-19`), optionally followed by `:KEY=VALUE+KEY=VALUE...`, more of lenet5's
+training options (e.g. `label_smoothing=0.1+ema=0.99`). Registered models (`slim-lenet`,
+`slim-lenet-valid`, `lenet5`, `keras-lenet`) work too. `--val-split N` holds out N training
+digits and records the accuracy on them, to choose on them instead of the test set.
 Accuracy does not depend on the machine's load; the cost ratios are measured interleaved.
 """
 
@@ -64,21 +67,39 @@ def candidate(name: str) -> None:
     register_model(name)(Candidate)
 
 
-def accuracy(specs: list[str], data_dir: Path | None) -> None:
+def options(text: str) -> dict[str, float | str]:
+    """`label_smoothing=0.1+ema=0.99` -> {"label_smoothing": 0.1, "ema": 0.99}."""
+    out: dict[str, float | str] = {}
+    for item in filter(None, text.split("+")):
+        key, value = item.split("=", 1)
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def accuracy(specs: list[str], data_dir: Path | None, val_split: int = 0) -> None:
     from lenet5.data import load_mnist
     from lenet5.train import TrainConfig, fit
 
     mnist = load_mnist(data_dir, download=False)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in specs:
-            name, lr, batch, epochs, seeds = spec.split(":")
+            name, lr, batch, epochs, seeds, *extra = spec.split(":")
             candidate(name)
-            for seed in range(int(seeds)):
-                config = TrainConfig(model=name, optimizer="adam", lr=float(lr), schedule="onecycle", warmup=0.2,
-                                     batch_size=int(batch), epochs=int(epochs), seed=seed, precision="fp32")
+            first, _, last = seeds.partition("-")  # N seeds from 0, or the seeds FIRST-LAST
+            for seed in range(int(first), int(last) + 1) if last else range(int(first)):
+                settings = {"optimizer": "adam", "schedule": "onecycle", "warmup": 0.2, "precision": "fp32",
+                            **({"val_split": val_split} if val_split else {}), **options(extra[0] if extra else "")}
+                config = TrainConfig(model=name, lr=float(lr), batch_size=int(batch), epochs=int(epochs), seed=seed,
+                                     **settings)
                 result = fit(config, mnist, Path(tmp) / f"{name}-{seed}-{time.time_ns()}")
-                print(json.dumps({"spec": spec, "seed": seed, "test_acc": [r["test_acc"] for r in result.history]}),
-                      flush=True)
+                record = {"spec": spec, "seed": seed, "test_acc": [r["test_acc"] for r in result.history],
+                          "train_seconds": round(sum(r["train_seconds"] for r in result.history), 2)}
+                if val_split:
+                    record["val_acc"] = [r["val_acc"] for r in result.history]
+                print(json.dumps(record), flush=True)
 
 
 def cost(names: list[str], repeats: int = 15) -> None:
@@ -114,10 +135,12 @@ def main() -> None:
     parser.add_argument("items", nargs="*", help="specs (accuracy) or model names, the first the baseline (cost)")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="emulate a lesser CPU (cost)")
+    parser.add_argument("--val-split", type=int, default=0, help="hold out this many training digits and record "
+                        "the accuracy on them (accuracy)")
     args = parser.parse_intermixed_args()
     flush_denormals()  # as `lenet5 train` does: denormals would make some steps many times slower
     if args.what == "accuracy":
-        accuracy(args.items, args.data_dir)
+        accuracy(args.items, args.data_dir, args.val_split)
     else:
         cost(args.items or ["keras-lenet", "slim-lenet", "lenet5"])
 
