@@ -229,9 +229,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             data = _load_data_ranked(args, world, dataset)
             progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
             result = fit(config, data, run_dir, callbacks=progress)
-        # Leave together. Seen once, under load: the rank that finished first aborted on its way out
-        # (SIGABRT, "terminate called without an active exception") while rank 0 still wrote the run.
-        distributed.barrier()
     except RuntimeError as e:
         lost = distributed.peer_lost(e, world, getattr(args, "run_dir", None))
         if lost is None:
