@@ -287,7 +287,11 @@ class Recipe:
 
 
 _ONE_CYCLE = {"optimizer": "adam", "schedule": "onecycle", "warmup": 0.2}
-_FAST_BF16 = {"model": "keras-lenet", "lr": 6e-3, "batch_size": 128, "epochs": 1, **_ONE_CYCLE}
+# lr 1e-2 and label smoothing 0.1 since 2026-11-29, chosen on a validation split over 6e-3 without it
+# (docs/results/fast-recipes/README.md): 0.31 points more validation accuracy on seeds the choice had not seen.
+_FAST_BF16 = {"model": "keras-lenet", "lr": 1e-2, "label_smoothing": 0.1, "batch_size": 128, "epochs": 1,
+              **_ONE_CYCLE}
+_BF16_WHY = "keras-lenet, Adam 1e-2 one-cycle, label smoothing 0.1, batch 128, 1 epoch: bf16 makes the big network cheap"
 _FAST_GPU = {"model": "keras-lenet", "lr": 1e-2, "batch_size": 512, "epochs": 2, **_ONE_CYCLE}
 _SLIM_WHY = ("slim-lenet-valid, Adam 2e-2 one-cycle, label smoothing 0.1, batch 128, 2 epochs: without native bf16, "
              "a network with 6x fewer FLOPs than keras-lenet")
@@ -313,9 +317,8 @@ RECIPES: dict[str, Recipe] = {
         "epochs in fp32 on other CPUs, keras-lenet at batch 512 for 2 epochs on a GPU",
         _FAST_FP32,
         by_class={
-            "amx": ("keras-lenet, Adam 6e-3 one-cycle, batch 128, 1 epoch: bf16 makes the big network cheap", _FAST_BF16),
-            "avx512-bf16": ("keras-lenet, Adam 6e-3 one-cycle, batch 128, 1 epoch: bf16 makes the big network cheap",
-                            _FAST_BF16),
+            "amx": (_BF16_WHY, _FAST_BF16),
+            "avx512-bf16": (_BF16_WHY, _FAST_BF16),
             "avx512": (_SLIM_WHY, _FAST_FP32),
             "avx2": (_SLIM_WHY, _FAST_FP32),
             "gpu": ("keras-lenet, Adam 1e-2 one-cycle, batch 512, 2 epochs: a GPU step costs launches, not "
