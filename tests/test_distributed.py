@@ -137,14 +137,17 @@ def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(single, mnist_d
     _, reference, initial = single
     script = tmp_path / "dying_rank.py"
     script.write_text(DYING_RANK)
-    # torchrun looks at its workers every 5 s here, so rank 0 has time to report before it is stopped
+    # torchrun looks at its workers every 5 s here, so rank 0 usually reports the lost peer itself;
+    # under load torchrun may stop it first (SIGTERM), which says so in one line too
     done = torchrun(mnist_dir, tmp_path, *cli_options(epochs=2), "--out-dir", "runs", "--name", "ddp",
                     script=script, launcher=("--monitor-interval", "5"))
     assert done.returncode != 0
     run_dir = tmp_path / "runs" / "ddp"
-    assert ("lenet5 train: error: rank 0 of 2: another process of this run stopped or cannot be reached"
-            in done.stderr), done.stderr[-3000:]
-    assert "--resume runs/ddp`" in done.stderr  # the folder as the command named it
+    said = [line for line in done.stderr.splitlines() if line.startswith("lenet5 train: ")]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert said[0].startswith(("lenet5 train: error: rank 0 of 2: another process of this run stopped or cannot be "
+                               "reached", "lenet5 train: rank 0 of 2: stopped by SIGTERM")), said
+    assert said[0].endswith("--resume runs/ddp`)") or said[0].endswith("--resume runs/ddp`"), said
     assert "[rank0]: Traceback" not in done.stderr and "GLHF" not in done.stderr
     # The folder kept epoch 1 and finishes as if nothing had happened.
     assert load_checkpoint(run_dir).meta["epoch"] == 1

@@ -400,3 +400,34 @@ def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_pat
     for child in (resumed_child, new_child):
         assert child[child.index("--threads") + 1] == "1" and child[child.index("--device") + 1] == "cpu"
     assert "--resume" in resumed_child and new_child[new_child.index("--seed") + 1] == "1"
+
+
+def test_sigterm_to_reproduce_stops_the_seeds_it_runs(mnist_dir, tmp_path):
+    """SIGTERM reaches the parent alone (Ctrl-C reaches the whole group): the parent once died and left
+    its seeds training as orphans. It now passes the signal on and waits for them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    parent = subprocess.Popen([sys.executable, "-m", "lenet5", "reproduce", "lecun1998", "--seeds", "2", "--jobs", "2",
+                               "--threads", "1", "--data-dir", str(mnist_dir), "--offline", "--out-dir", str(tmp_path),
+                               "--name", "two"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and parent.poll() is None:
+            children = [int(p) for f in Path(f"/proc/{parent.pid}/task").glob("*/children") for p in f.read_text().split()]
+            if len(children) == 2 and all((tmp_path / "two" / f"seed-{k}" / "config.json").is_file() for k in (0, 1)):
+                break
+            time.sleep(0.1)
+        assert len(children) == 2, "both seeds should be training by now"
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=60)
+    finally:
+        parent.kill()
+    assert parent.returncode == 143 and err.strip().splitlines()[-1] == "lenet5 reproduce: stopped by SIGTERM", err
+    for pid in children:  # gone, or at most a zombie nobody waits for
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "State:\tZ" in status.read_text(), f"seed process {pid} still runs"

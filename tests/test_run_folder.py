@@ -258,3 +258,33 @@ def test_one_training_at_a_time_in_a_folder(mnist, tmp_path):
         holder.communicate("\n", timeout=30)  # the holder ends, and its lock with it
     fit(config, mnist, folder.path)
     assert len(resume(folder.path, mnist, epochs=2).history) == 2
+
+
+def test_sigterm_stops_a_training_in_one_line_and_it_resumes(mnist_dir, tmp_path):
+    """SIGTERM (torchrun stopping the other processes of a failed run, a scheduler, `kill`) once ended
+    a training silently; it now stops as Ctrl-C does, names the --resume command, and exits 143."""
+    import time
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "lenet5", "train", "--model", "lenet5", "--optimizer", "adam", "--batch-size", "100",
+               "--train-samples", "1000", "--test-samples", "200", "--threads", "1", "--device", "cpu",
+               "--data-dir", str(mnist_dir), "--offline", "--out-dir", str(tmp_path), "--name", "run", "--quiet"]
+    training = subprocess.Popen([*command, "--epochs", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "history.json").is_file() and time.monotonic() < deadline and training.poll() is None:
+            time.sleep(0.05)
+        assert (run_dir / "history.json").is_file(), "the first epoch should have been committed by now"
+        training.send_signal(signal.SIGTERM)
+        _, err = training.communicate(timeout=60)
+    finally:
+        training.kill()
+    assert training.returncode == 143, err
+    assert err.strip().splitlines()[-1] == f"lenet5 train: stopped by SIGTERM (continue with `lenet5 train --resume {run_dir}`)"
+    assert "Traceback" not in err
+    committed = len(json.loads((run_dir / "history.json").read_text()))
+    resumed = subprocess.run([sys.executable, "-m", "lenet5", "train", "--resume", str(run_dir), "--epochs",
+                              str(committed + 1), "--data-dir", str(mnist_dir), "--offline", "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(json.loads((run_dir / "history.json").read_text())) == committed + 1

@@ -10,8 +10,10 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +38,16 @@ from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
 from lenet5.train.config import HOST_SETTINGS, RECIPES
 
 OFFLINE_ENV = "LENET5_OFFLINE"
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143  # 128 + SIGINT, 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that it stops a run as cleanly: torchrun sends it to
+    the other processes of a run when one fails, and job schedulers and `kill` send it too."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 # ---------------------------------------------------------------- progress shown to the user
@@ -378,6 +389,9 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     data_dir = load_data(args).root  # fetched and verified once; the children read it offline
     command = " ".join(["lenet5", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"] else "lenet5 reproduce lecun1998"
 
+    children: set[subprocess.Popen] = set()  # running seeds, stopped with the parent (SIGTERM reaches it alone)
+    stopping, lock = threading.Event(), threading.Lock()
+
     def one(seed: int) -> tuple[int, str]:
         run_dir = parent / f"seed-{seed}"
         child = [sys.executable, "-m", "lenet5", "reproduce", "lecun1998", "--quiet", "--offline",
@@ -393,15 +407,32 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
             child += ["--seed", str(seed), "--out-dir", str(parent), "--name", run_dir.name,
                       "--batch-size", str(plan["batch_size"]), "--epochs", str(plan["epochs"]), *host]
             child += ["--distortions"] if plan["distortions"] else []
-        done = subprocess.run(child, capture_output=True, text=True)
-        lines = (done.stdout if done.returncode == 0 else done.stderr or done.stdout).strip().splitlines()
-        return seed, ("" if done.returncode == 0 else "failed: ") + (lines[-1] if lines else f"exit {done.returncode}")
+        with lock:
+            if stopping.is_set():
+                return seed, "failed: stopped"
+            process = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            children.add(process)
+        try:
+            stdout, stderr = process.communicate()
+        finally:
+            with lock:
+                children.discard(process)
+        lines = (stdout if process.returncode == 0 else stderr or stdout).strip().splitlines()
+        return seed, ("" if process.returncode == 0 else "failed: ") + (lines[-1] if lines else f"exit {process.returncode}")
 
     failed = False
     with ThreadPoolExecutor(args.jobs) as pool:
-        for seed, outcome in pool.map(one, plan["seeds"]):
-            print(f"seed {seed}: {outcome}", flush=True)
-            failed |= outcome.startswith("failed")
+        try:
+            for seed, outcome in pool.map(one, plan["seeds"]):
+                print(f"seed {seed}: {outcome}", flush=True)
+                failed |= outcome.startswith("failed")
+        except KeyboardInterrupt:  # Ctrl-C reaches the children too, SIGTERM only this process: pass it on
+            with lock:
+                stopping.set()
+                for process in children:
+                    process.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     finished = {k: parent / f"seed-{k}" for k in plan["seeds"] if (parent / f"seed-{k}" / "report.md").is_file()}
     if not finished:
         raise TrainingError(f"{parent}: no seed finished")
@@ -866,6 +897,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # lenet5.runtime): the heap keeps activation pages, and denormals are flushed.
         tune_allocator()
         flush_denormals()
+    # Training writes files that must not be cut short (a default SIGTERM killed the process mid-step
+    # without a word); the handler is put back afterwards for callers of main() such as the tests.
+    previous = signal.signal(signal.SIGTERM, _terminate) \
+        if args.command in ("train", "reproduce") and threading.current_thread() is threading.main_thread() else None
     try:
         return args.handler(args)
     except ConfigError as e:
@@ -874,8 +909,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Lenet5Error, OSError) as e:  # OSError: a file or device failed us (a full disk, say)
         print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        hint = f" (continue with `lenet5 train --resume {getattr(args, 'run_dir', None) or 'RUN_DIR'}`)" \
+    except KeyboardInterrupt as e:
+        launcher = "torchrun ... -m lenet5" if distributed.launched_by_torchrun() else "lenet5"
+        hint = f" (continue with `{launcher} train --resume {getattr(args, 'run_dir', None) or 'RUN_DIR'}`)" \
             if args.command == "train" else ""
-        print(f"lenet5 {args.command}: interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        rank = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE')}: " \
+            if distributed.launched_by_torchrun() else ""
+        what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"lenet5 {args.command}: {rank}{what}{hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
