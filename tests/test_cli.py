@@ -300,3 +300,26 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(data_en
     code, out, err = run(capsys, "train", "--resume", str(run_dir), "--quiet")
     assert code == 0, err
     assert "after 1 epochs" in out and json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_a_recipes_label_smoothing_is_dropped_for_a_model_without_logits(data_env, tmp_path, capsys):
+    """--recipe fast --model lenet5-1998 failed with "--label-smoothing needs a model with logit outputs",
+    an option the user never typed; the recipe's smoothing is for its own network."""
+    code, _, err = run(capsys, "train", "--recipe", "fast", "--model", "lenet5-1998", "--device", "cpu", "--epochs", "1",
+                       "--train-samples", "300", "--test-samples", "100", "--out-dir", str(tmp_path), "--name", "r",
+                       "--no-calibrate")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["label_smoothing"] == 0
+    code, _, err = run(capsys, "train", "--model", "lenet5-1998", "--label-smoothing", "0.1", "--epochs", "1",
+                       "--out-dir", str(tmp_path), "--name", "typed")
+    assert code == 2 and "--label-smoothing" in err  # typed, it is still an error
+
+
+def test_the_hint_after_a_stop_offers_resume_only_for_a_begun_run(tmp_path):
+    from lenet5.distributed import resume_hint
+
+    assert resume_hint(tmp_path / "none") == "nothing was trained yet: run the same command again"
+    assert resume_hint(None) == "nothing was trained yet: run the same command again"
+    (tmp_path / "begun").mkdir()
+    (tmp_path / "begun" / "config.json").write_text("{}")
+    assert resume_hint(tmp_path / "begun") == f"continue with `lenet5 train --resume {tmp_path / 'begun'}`"

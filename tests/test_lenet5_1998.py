@@ -360,7 +360,6 @@ def test_reproduce_resume_refuses_what_it_cannot_continue(mnist_dir, tmp_path, c
 def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_path, monkeypatch, capsys):
     """A run or plan from a bigger machine (32 threads) could not be continued on 2 cores: --threads
     given with --resume was ignored, by the single run and by the seeds' child processes."""
-    import subprocess
 
     import lenet5.cli as cli
     import lenet5.reproduce as reproduce
@@ -388,11 +387,16 @@ def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_pat
     (parent / "seeds.json").write_text(json.dumps(plan))
     children = []
 
-    def fake_run(command, **kwargs):
-        children.append(command)
-        return subprocess.CompletedProcess(command, 1, "", "stopped by the test")
+    class FakeChild:  # a seed's process that stops at once
+        returncode = 1
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+        def __init__(self, command, **kwargs):
+            children.append(command)
+
+        def communicate(self):
+            return "", "stopped by the test"
+
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeChild)
     assert cli.main(["reproduce", "lecun1998", "--resume", str(parent), "--threads", "1", "--jobs", "1",
                      "--data-dir", str(mnist_dir), "--offline"]) == 1
     assert "no seed finished" in capsys.readouterr().err

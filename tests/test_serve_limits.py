@@ -134,8 +134,11 @@ def test_over_64_requests_in_flight_get_a_json_503_and_healthz_still_answers(ser
         try:
             for client in stalled:
                 client.sendall(head)
-            time.sleep(1.0)  # each is now a request in flight, waiting for the rest of its body
-            status, body = server.request("POST", "/v1/predict", b"\x89PNG", {"Content-Type": "image/png"})
+            deadline = time.monotonic() + 20  # until every stalled upload is a request in flight
+            while (answer := server.request("POST", "/v1/predict", b"\x89PNG", {"Content-Type": "image/png"}))[0] != 503 \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            status, body = answer
             assert status == 503 and json.loads(body)["error"].startswith("busy: 64 requests in flight"), body
             assert server.request("GET", "/healthz")[0] == 200  # alive, though busy
         finally:

@@ -28,7 +28,7 @@ from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
 from lenet5.hardware import check_threads, hardware_class
-from lenet5.models import count_parameters, create_model, describe, list_models
+from lenet5.models import count_parameters, create_model, describe, list_models, model_class
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
@@ -47,6 +47,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    # Once: a second SIGTERM (torchrun forwarding the one a scheduler sent the whole group) ends the
+    # process at once, as a SIGTERM did before, instead of interrupting the first one's clean-up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()
 
 
@@ -202,6 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
                               f"settings ({', '.join('--' + h.replace('_', '-') for h in HOST_SETTINGS)}) may be given with it")
         saved = TrainConfig.from_json(RunFolder(args.resume).require().config)
+        args.run_dir = args.resume  # for the hint after Ctrl-C or a lost peer
         device, dataset = given.get("device") or saved.device, saved.dataset
     else:
         base = {}
@@ -216,6 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             base.update(TrainConfig.from_json(args.config).to_dict())
         if "optimizer" in given and "lr" not in given:
             base.pop("lr", None)  # the new optimizer's default rate, not the old one's
+        if "model" in given and "label_smoothing" not in given and not model_class(given["model"]).label_smoothing_ok:
+            base.pop("label_smoothing", None)  # a recipe's, for its own network (lenet5-1998 has no logits)
         config = TrainConfig.from_dict({**base, **given})
         if args.calibrate and canonical_name(config.dataset) != "mnist":  # its held-out and stress sets are MNIST's
             raise ConfigError(f"--calibrate fits the digit service's 'unsure' rule on MNIST digits; it does not apply "
@@ -229,7 +235,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             data = _load_data_ranked(args, world, dataset)
             progress = [] if args.quiet or not world.is_main else [ConsoleProgress(len(data.classes))]
-            args.run_dir = args.resume  # for the hint after Ctrl-C
             result = resume(args.resume, data, epochs=given.get("epochs"),
                             callbacks=progress, **{k: v for k, v in given.items() if k in HOST_SETTINGS})
         else:
@@ -910,9 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lenet5 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as e:
-        launcher = "torchrun ... -m lenet5" if distributed.launched_by_torchrun() else "lenet5"
-        hint = f" (continue with `{launcher} train --resume {getattr(args, 'run_dir', None) or 'RUN_DIR'}`)" \
-            if args.command == "train" else ""
+        hint = f" ({distributed.resume_hint(getattr(args, 'run_dir', None))})" if args.command == "train" else ""
         rank = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE')}: " \
             if distributed.launched_by_torchrun() else ""
         what = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"

@@ -118,7 +118,8 @@ def shutdown() -> None:
 
 # What Gloo and NCCL say when the other end of a collective went away (a rank killed, a machine
 # lost): DDP's gradient hooks raise them as plain RuntimeErrors, the collectives as DistErrors.
-_PEER_LOST = re.compile(r"gloo|nccl|connection (?:reset|closed|refused)|broken pipe|socket timeout", re.IGNORECASE)
+_PEER_LOST = re.compile(r"connection (?:reset|closed|refused)|broken pipe|socket timeout|remote process exited"
+                        r"|peer (?:closed|disconnected)", re.IGNORECASE)
 
 
 class PeerLost(Lenet5Error):
@@ -134,11 +135,19 @@ def peer_lost(error: BaseException, world: World, run_dir: object) -> PeerLost |
     if not world.distributed or not isinstance(error, RuntimeError):
         return None
     text = str(error)
-    if not (isinstance(error, dist.DistError) or _PEER_LOST.search(text)):
-        return None
+    if not (isinstance(error, dist.DistNetworkError) or _PEER_LOST.search(text)):
+        return None  # another failure of a collective (a bug, memory) keeps its traceback
     reason = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")  # gloo's "[file.cc:537] "
     reason = reason.split(". This is typically")[0][:200] or type(error).__name__
-    where = f" {run_dir}" if run_dir else " RUN_DIR"
     return PeerLost(f"rank {world.rank} of {world.size}: another process of this run stopped or cannot be reached "
-                    f"({reason}); the run folder keeps its last finished epoch: start the run again with "
-                    f"`torchrun ... -m lenet5 train --resume{where}`")
+                    f"({reason}); {resume_hint(run_dir)}")
+
+
+def resume_hint(run_dir: object) -> str:
+    """How to go on after a run stopped: `--resume` where the run folder was begun, else the same command."""
+    from lenet5.run_folder import RunFolder
+
+    launcher = "torchrun ... -m lenet5" if launched_by_torchrun() else "lenet5"
+    if run_dir and RunFolder(run_dir).is_run_folder():
+        return f"continue with `{launcher} train --resume {run_dir}`"
+    return "nothing was trained yet: run the same command again"

@@ -172,7 +172,7 @@ Output: scores (N, {len(checkpoint.classes)}); argmax = class index (above), sof
 def card_path(out: Path) -> Path:
     """`model.onnx` -> `model.onnx.model-card.md`: the ONNX and TorchScript exports of one stem
     each keep their own card (named by the stem alone, the second export overwrote the first's)."""
-    tail = out.suffix + ".model-card.md"
+    tail = out.suffix.encode()[:64].decode(errors="ignore") + ".model-card.md"
     stem = out.stem.encode()[:255 - len(tail.encode())].decode(errors="ignore")  # NAME_MAX: a long legal name
     return out.with_name(stem + tail)
 

@@ -106,12 +106,15 @@ class RequestGuard:
         self.max_in_flight, self.in_flight = max_in_flight, 0  # one event loop per process: no lock needed
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") == HEALTH_PATH:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("path") == HEALTH_PATH:  # guarded, never counted nor refused for load
+            return await self._guarded(scope, receive, send)
         if self.in_flight >= self.max_in_flight:
-            # uvicorn's own limit answered this in plain text, /healthz included
+            # uvicorn's own limit answered this in plain text, /healthz included. The connection stays
+            # open: uvicorn then drops the unread body, where closing it would reset a client still sending.
             response = JSONResponse({"error": f"busy: {self.max_in_flight} requests in flight; retry shortly"}, 503,
-                                    headers={"Retry-After": str(RETRY_AFTER), "Connection": "close"})
+                                    headers={"Retry-After": str(RETRY_AFTER)})
             return await response(scope, receive, send)
         self.in_flight += 1
         try:
