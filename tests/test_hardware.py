@@ -25,8 +25,10 @@ def native_class() -> str:
 def in_subprocess(env: dict[str, str]) -> dict:
     code = ("import json, torch; from lenet5.hardware import cpu_class, choose_precision as c; "
             "d = torch.device('cpu'); "
+            "from lenet5.hardware import BF16_CLASSES, bf16_probe; "
+            "pays = bf16_probe().pays if cpu_class() in BF16_CLASSES else None; "
             "print(json.dumps({'class': cpu_class(), 'auto': c('auto', d).precision, 'reason': c('auto', d).reason, "
-            "'bf16_slow': c('bf16', d).slow}))")
+            "'bf16_slow': c('bf16', d).slow, 'pays': pays}))")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                             timeout=120, check=True)
     return json.loads(result.stdout)
@@ -45,14 +47,18 @@ EMULATED = [(env, name) for name, env in EMULATE.items()] + [({"ATEN_CPU_CAPABIL
 @pytest.mark.parametrize("env, cap", EMULATED, ids=[c for _, c in EMULATED])
 def test_emulated_classes_choose_their_precision(env, cap):
     """The emulation caps give the lesser class (never more than the CPU has), and auto picks bf16
-    exactly where bf16 is native; asking for bf16 elsewhere is flagged as slow."""
+    exactly where bf16 is native and measured faster than fp32; asking for bf16 elsewhere is
+    flagged as slow. Without native bf16 the probe is never run."""
     expected = min(cap, native_class(), key=ORDER.__getitem__)
     seen = in_subprocess(env)
     assert seen["class"] == expected
     native_bf16 = expected in ("amx", "avx512-bf16")
-    assert seen["auto"] == ("bf16" if native_bf16 else "fp32")
-    assert seen["bf16_slow"] is (not native_bf16)
+    assert (seen["pays"] is not None) is native_bf16
+    fast = native_bf16 and seen["pays"]
+    assert seen["auto"] == ("bf16" if fast else "fp32")
+    assert seen["bf16_slow"] is (not fast)
     assert expected in seen["reason"]
+    assert ("measured at" in seen["reason"]) is native_bf16
 
 
 def test_explicit_precisions_are_kept():
@@ -83,3 +89,68 @@ def test_auto_keeps_fp32_for_a_model_whose_layers_are_too_narrow_for_bf16():
     if choose_precision("auto", cpu).precision == "bf16":
         assert "runs faster in fp32" in narrow.reason
     assert choose_precision("bf16", cpu, bf16_pays=False).precision == "bf16"  # asked for: kept
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """This process as a CPU whose flags promise AVX512-BF16, with a probe result the test sets."""
+    from lenet5 import hardware
+
+    monkeypatch.setattr(hardware, "cpu_class", lambda: "avx512-bf16")
+
+    def measured(fp32_ms: float, bf16_ms: float) -> None:
+        monkeypatch.setattr(hardware, "bf16_probe", lambda: hardware.Bf16Probe(fp32_ms, bf16_ms))
+    return measured
+
+
+def test_native_bf16_measured_slower_than_fp32_is_not_chosen(bf16_cpu):
+    """A CPU with AVX512-BF16 whose bf16 runs at half fp32's speed (a 2-core Intel Xeon, measured)
+    trains in fp32 under auto, warns for --precision bf16, and gets the fp32 recipes."""
+    from lenet5.hardware import class_note, hardware_class
+    from lenet5.train.config import RECIPES
+
+    cpu = torch.device("cpu")
+    bf16_cpu(10.0, 20.0)
+    auto = choose_precision("auto", cpu)
+    assert auto.precision == "fp32" and "bf16 measured at 0.50x fp32's speed" in auto.reason
+    assert choose_precision("bf16", cpu).slow
+    assert hardware_class(cpu) == "avx512" and "CPU class avx512-bf16, but bf16 measured at 0.50x" in class_note(cpu)
+    fast = RECIPES["fast"].options_for(hardware_class(cpu))
+    assert fast["model"] == "slim-lenet-valid" and fast.get("precision", "auto") != "bf16"
+    bf16_cpu(15.0, 10.0)  # 1.5x: an AMD EPYC with the same flags, measured
+    assert choose_precision("auto", cpu).precision == "bf16" and not choose_precision("bf16", cpu).slow
+    assert hardware_class(cpu) == "avx512-bf16" and class_note(cpu) == ""
+    assert RECIPES["fast"].options_for("avx512-bf16") == {**RECIPES["fast"].options_for("avx512"), "precision": "fp32"}
+    bf16_cpu(11.0, 10.0)  # 1.1x: too little to be worth bf16's rounding
+    assert choose_precision("auto", cpu).precision == "fp32"
+
+
+def test_the_bf16_probe_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    from lenet5 import hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hardware, "measure_bf16", lambda: calls.append(1) or hardware.Bf16Probe(12.0, 6.0))
+    hardware.bf16_probe.cache_clear()
+    try:
+        first = hardware.bf16_probe()
+        hardware.bf16_probe.cache_clear()  # a new process
+        again = hardware.bf16_probe()
+        assert calls == [1] and not first.cached and again.cached and again.speedup == 2.0
+        [saved] = (tmp_path / "lenet5" / "machine").glob("bf16-probe-v*.json")
+        assert json.loads(saved.read_text())["bf16_ms"] == 6.0
+        saved.write_text("{not json")  # damaged: measured again, not a traceback
+        hardware.bf16_probe.cache_clear()
+        assert not hardware.bf16_probe().cached and calls == [1, 1]
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # another emulated class: its own result
+        assert hardware._probe_cache_file() != saved
+    finally:
+        hardware.bf16_probe.cache_clear()
+
+
+@pytest.mark.skipif(cpu_class() not in ("amx", "avx512-bf16"), reason="times native bf16 (emulated, it takes seconds)")
+def test_the_bf16_probe_times_both_precisions():
+    from lenet5.hardware import measure_bf16
+
+    probe = measure_bf16(0.05)
+    assert 0 < probe.fp32_ms < 1000 and 0 < probe.bf16_ms < 1000

@@ -27,7 +27,7 @@ from lenet5.data.catalog import canonical_name, dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.hardware import check_threads, hardware_class
+from lenet5.hardware import check_threads, class_note, hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models, model_class
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
@@ -212,10 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.calibrate is None and args.recipe:
             args.calibrate = RECIPES[args.recipe].calibrate
         if args.recipe:
-            hardware = hardware_class(resolve_device(given.get("device", "auto")))
+            where = resolve_device(given.get("device", "auto"))
+            hardware = hardware_class(where)
             base = RECIPES[args.recipe].options_for(hardware)
             if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
-                print(f"recipe {args.recipe} for {hardware}: {RECIPES[args.recipe].why_for(hardware)}")
+                print(f"recipe {args.recipe} for {hardware}{class_note(where)}: {RECIPES[args.recipe].why_for(hardware)}")
         if args.config:
             base.update(TrainConfig.from_json(args.config).to_dict())
         if "optimizer" in given and "lr" not in given:

@@ -4,10 +4,18 @@ Every answer here is read from the machine (CPU flags, affinity, the cgroup's qu
 two variables that make PyTorch behave like a lesser CPU, so that a class can be emulated on any
 machine and the choice follows: ``ONEDNN_MAX_CPU_ISA`` caps oneDNN's kernels (convolutions,
 matrix products), ``ATEN_CPU_CAPABILITY`` caps PyTorch's own vectorised kernels.
+
+The flags say whether bf16 arithmetic is native, not whether it is fast: on a 2-core Intel Xeon
+with AVX512-BF16 and no AMX, bf16 convolutions ran at 0.6x fp32's speed, where an AMD EPYC with
+the same flags ran them at 1.5x. Where the flags promise native bf16, `bf16_probe` times one
+convolution's forward and backward pass in both precisions, once per machine (the result is
+cached), and bf16 is chosen only where it is clearly faster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import platform
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import platformdirs
 import torch
 
 from lenet5.errors import ConfigError
@@ -151,6 +160,130 @@ def _cgroup_quota() -> float | None:
         return None
 
 
+BF16_CLASSES = ("amx", "avx512-bf16")  # the classes whose flags promise native bf16 arithmetic
+BF16_MIN_SPEEDUP = 1.2  # bf16 is chosen over fp32 only where the probe runs it at least this much faster
+_PROBE_VERSION = 1  # bump when the probe's workload changes: older cached results are then ignored
+
+
+@dataclass(frozen=True)
+class Bf16Probe:
+    """One convolution's forward and backward pass timed in fp32 and under bf16 autocast."""
+
+    fp32_ms: float
+    bf16_ms: float
+    cached: bool = False  # read from this machine's cache rather than measured by this process
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32_ms / self.bf16_ms
+
+    @property
+    def pays(self) -> bool:
+        return self.speedup >= BF16_MIN_SPEEDUP
+
+    def short(self) -> str:
+        return f"bf16 measured at {self.speedup:.2f}x fp32's speed here"
+
+    def describe(self) -> str:
+        return (f"{self.short()}: {self.bf16_ms:.1f} ms against {self.fp32_ms:.1f} ms for a convolution's forward "
+                f"and backward pass")
+
+
+def _probe_cache_file() -> Path:
+    """Where this machine's probe result is kept: one file per CPU, flag set, torch version and
+    emulation caps (each changes the answer)."""
+    import hashlib
+
+    caps = [f"{k}={os.environ.get(k, '')}" for k in sorted({k for env in EMULATE.values() for k in env}
+                                                           | {"DNNL_MAX_CPU_ISA"})]
+    key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), torch.__version__, *caps])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"bf16-probe-v{_PROBE_VERSION}-{digest}.json"
+
+
+def _time_conv_pass(bf16: bool, seconds: float) -> float:
+    """Best time in ms of keras-lenet's second convolution (20 to 50 channels, 5x5, 14x14 maps,
+    3/4 of that network's arithmetic) forward and backward at batch 32, channels_last, as training runs it."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
+
+    def one() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = F.conv2d(x, w, padding=2)
+        y.float().square().mean().backward()
+
+    one()  # warm-up: oneDNN builds its kernels for this shape and precision
+    best, deadline, runs = math.inf, time.perf_counter() + seconds, 0
+    while runs < 3 or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        one()
+        best, runs = min(best, time.perf_counter() - started), runs + 1
+    return best * 1e3
+
+
+def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
+    """Time the probe's pass in both precisions, alternating, about `seconds` in all."""
+    fp32 = bf16 = math.inf
+    for _ in range(2):
+        fp32 = min(fp32, _time_conv_pass(False, seconds / 4))
+        bf16 = min(bf16, _time_conv_pass(True, seconds / 4))
+    return Bf16Probe(round(fp32, 3), round(bf16, 3))
+
+
+@lru_cache(maxsize=1)
+def bf16_probe() -> Bf16Probe:
+    """This machine's bf16 probe: read from the cache, or measured once (0.3 s) and cached. Only
+    asked where the flags promise native bf16; emulated bf16 is known to be slow without it."""
+    path = _probe_cache_file()
+    saved = _read_probe(path)
+    if saved:
+        return saved
+    with _probe_lock(path):  # torchrun's processes on one machine: one measures, the others read its result
+        saved = _read_probe(path)
+        if saved:
+            return saved
+        probe = measure_bf16()
+        try:
+            from lenet5.fileio import atomic_write_json
+
+            atomic_write_json(path, {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms, "cpu": cpu_model(),
+                                     "torch": torch.__version__})
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    return probe
+
+
+def _read_probe(path: Path) -> Bf16Probe | None:
+    try:
+        saved = json.loads(path.read_text())
+        probe = Bf16Probe(float(saved["fp32_ms"]), float(saved["bf16_ms"]), cached=True)
+        return probe if probe.fp32_ms > 0 and probe.bf16_ms > 0 else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not measured yet here, or a damaged file: measure again
+
+
+@contextlib.contextmanager
+def _probe_lock(path: Path):
+    """An exclusive lock beside the probe's cache file, held while measuring (none where it cannot be had)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path.with_suffix(".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     precision: str  # fp32 or bf16
@@ -163,17 +296,23 @@ def choose_precision(requested: str, device: torch.device, bf16_pays: bool = Tru
     whose layers are wide enough for it to pay (`bf16_pays`, a model's class attribute).
 
     On a CPU that means native bf16 arithmetic (AMX tiles or AVX512-BF16 dot products) usable by
-    both PyTorch and oneDNN; elsewhere bf16 is emulated, ~300x slower than fp32 on an AVX2-only
-    EPYC (measured). On a GPU it means bf16 support (Ampere and later).
+    both PyTorch and oneDNN, measured faster than fp32 on this machine (`bf16_probe`); elsewhere
+    bf16 is emulated, ~300x slower than fp32 on an AVX2-only EPYC (measured). On a GPU it means
+    bf16 support (Ampere and later).
     """
     if device.type == "cuda":
         fast = torch.cuda.is_bf16_supported()
         why = f"{torch.cuda.get_device_name(device)} {'has' if fast else 'lacks'} bf16 support"
     elif device.type == "cpu":
         klass = cpu_class()
-        fast = klass in ("amx", "avx512-bf16")
-        why = (f"CPU class {klass}: native bf16 ({'AMX' if klass == 'amx' else 'AVX512-BF16'})" if fast
-               else f"CPU class {klass}: no native bf16 (AVX512-BF16 or AMX), bf16 would be emulated and slow")
+        if klass in BF16_CLASSES:
+            probe = bf16_probe()
+            fast = probe.pays
+            why = (f"CPU class {klass}: native bf16 ({'AMX' if klass == 'amx' else 'AVX512-BF16'}), "
+                   f"{probe.describe()}")
+        else:
+            fast = False
+            why = f"CPU class {klass}: no native bf16 (AVX512-BF16 or AMX), bf16 would be emulated and slow"
     else:
         fast, why = False, f"{device.type}: bf16 autocast not measured here"
     if requested == "auto":
@@ -199,5 +338,16 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: f
 
 
 def hardware_class(device: torch.device) -> str:
-    """`gpu`, or the CPU's class: what recipes are chosen by."""
-    return "gpu" if device.type == "cuda" else cpu_class()
+    """`gpu`, or the CPU's class: what recipes are chosen by. A CPU whose flags promise native bf16
+    but whose bf16 the probe measured no faster than fp32 counts as `avx512`, the same CPU without it."""
+    if device.type == "cuda":
+        return "gpu"
+    klass = cpu_class()
+    return "avx512" if klass in BF16_CLASSES and not bf16_probe().pays else klass
+
+
+def class_note(device: torch.device) -> str:
+    """Why `hardware_class` differs from the CPU's flags, when it does ('' otherwise)."""
+    if device.type != "cpu" or cpu_class() not in BF16_CLASSES or bf16_probe().pays:
+        return ""
+    return f" (CPU class {cpu_class()}, but {bf16_probe().short()})"
