@@ -125,6 +125,19 @@ def test_native_bf16_measured_slower_than_fp32_is_not_chosen(bf16_cpu):
     assert choose_precision("auto", cpu).precision == "fp32"
 
 
+def test_no_probe_where_the_answer_is_fp32_anyway(bf16_cpu, monkeypatch):
+    from lenet5 import hardware
+
+    def no_probe():
+        raise AssertionError("probed")
+    monkeypatch.setattr(hardware, "bf16_probe", no_probe)
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu, bf16_pays=False).precision == "fp32"  # lenet5, lenet5-1998
+    assert choose_precision("fp32", cpu).precision == "fp32"
+    with pytest.raises(AssertionError, match="probed"):
+        choose_precision("auto", cpu)
+
+
 def test_the_bf16_probe_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
     from lenet5 import hardware
 

@@ -235,7 +235,7 @@ def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
 
 @lru_cache(maxsize=1)
 def bf16_probe() -> Bf16Probe:
-    """This machine's bf16 probe: read from the cache, or measured once (0.3 s) and cached. Only
+    """This machine's bf16 probe: read from the cache, or measured once (about 0.6 s) and cached. Only
     asked where the flags promise native bf16; emulated bf16 is known to be slow without it."""
     path = _probe_cache_file()
     saved = _read_probe(path)
@@ -305,11 +305,13 @@ def choose_precision(requested: str, device: torch.device, bf16_pays: bool = Tru
         why = f"{torch.cuda.get_device_name(device)} {'has' if fast else 'lacks'} bf16 support"
     elif device.type == "cpu":
         klass = cpu_class()
-        if klass in BF16_CLASSES:
+        native = f"CPU class {klass}: native bf16 ({'AMX' if klass == 'amx' else 'AVX512-BF16'})"
+        if klass in BF16_CLASSES and (requested == "bf16" or requested == "auto" and bf16_pays):
             probe = bf16_probe()
             fast = probe.pays
-            why = (f"CPU class {klass}: native bf16 ({'AMX' if klass == 'amx' else 'AVX512-BF16'}), "
-                   f"{probe.describe()}")
+            why = f"{native}, {probe.describe()}"
+        elif klass in BF16_CLASSES:  # fp32 either way: no need to time bf16
+            fast, why = True, native
         else:
             fast = False
             why = f"CPU class {klass}: no native bf16 (AVX512-BF16 or AMX), bf16 would be emulated and slow"
