@@ -154,3 +154,40 @@ def test_a_rank_that_dies_leaves_one_line_and_a_run_that_resumes(single, mnist_d
     again = torchrun(mnist_dir, tmp_path, "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_weights(weights(run_dir), reference, initial)
+
+
+# Each rank's machine measured its own bf16 (lenet5.hardware.bf16_probe): rank 0's found it slow, rank 1's
+# found it fast on an AMX CPU, so alone they would pick different recipe options and precisions.
+SPLIT_PROBES = """
+import os, sys
+from lenet5 import hardware
+from lenet5.cli import main
+
+fast = os.environ["RANK"] == "1"
+hardware.cpu_class = lambda: "amx"
+hardware.bf16_probe = lambda: hardware.Bf16Probe(20.0, 10.0) if fast else hardware.Bf16Probe(10.0, 20.0)
+
+import lenet5.train.step as step
+build = step.TrainStep.build.__func__
+def telling(cls, *args, **kwargs):
+    built = build(cls, *args, **kwargs)
+    print(f"rank {os.environ['RANK']} trains in {built.precision.precision}", flush=True)
+    return built
+step.TrainStep.build = classmethod(telling)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_whose_machines_measured_bf16_differently_train_with_rank_0s_choice(mnist_dir, tmp_path):
+    script = tmp_path / "split_probes.py"
+    script.write_text(SPLIT_PROBES)
+    done = torchrun(mnist_dir, tmp_path, "--recipe", "fast", "--model", "slim-lenet-valid", "--device", "cpu",
+                    "--train-samples", "256", "--test-samples", "128", "--batch-size", "64", "--out-dir", "runs",
+                    "--name", "split", script=script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "split"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["epochs"] == 2 and config["lr"] == 0.02  # the fp32 class's recipe (rank 0's), not amx's
+    assert json.loads((run_dir / "run.json").read_text())["precision"] == "fp32"
+    assert "rank 0 trains in fp32" in done.stdout and "rank 1 trains in fp32" in done.stdout, done.stdout[-2000:]
+    assert [r["epoch"] for r in json.loads((run_dir / "history.json").read_text())] == [1, 2]

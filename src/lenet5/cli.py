@@ -27,7 +27,7 @@ from lenet5.data.catalog import canonical_name, dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.hardware import check_threads, class_note, hardware_class
+from lenet5.hardware import check_threads, class_note, cpu_class, hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models, model_class
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
@@ -196,6 +196,18 @@ def check_run_name(name: str | None) -> None:
         raise ConfigError(f"--name {name[:80]!r}: a run's folder name, without '/' (the folder goes in --out-dir)")
 
 
+def _train_base(args: argparse.Namespace, given: dict, hardware: str | None) -> dict:
+    """The options under the typed ones: the recipe's for `hardware`, then a --config file's."""
+    base = RECIPES[args.recipe].options_for(hardware) if args.recipe else {}
+    if args.config:
+        base.update(TrainConfig.from_json(args.config).to_dict())
+    if "optimizer" in given and "lr" not in given:
+        base.pop("lr", None)  # the new optimizer's default rate, not the old one's
+    if "model" in given and "label_smoothing" not in given and not model_class(given["model"]).label_smoothing_ok:
+        base.pop("label_smoothing", None)  # a recipe's, for its own network (lenet5-1998 has no logits)
+    return base
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     check_run_name(getattr(args, "name", None))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -208,22 +220,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.run_dir = args.resume  # for the hint after Ctrl-C or a lost peer
         device, dataset = given.get("device") or saved.device, saved.dataset
     else:
-        base = {}
         if args.calibrate is None and args.recipe:
             args.calibrate = RECIPES[args.recipe].calibrate
+        hardware = None
         if args.recipe:
             where = resolve_device(given.get("device", "auto"))
-            hardware = hardware_class(where)
-            base = RECIPES[args.recipe].options_for(hardware)
+            # the bf16 probe runs only for a recipe whose options differ by class
+            hardware = hardware_class(where) if RECIPES[args.recipe].by_class else cpu_class() if where.type == "cpu" else "gpu"
             if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
-                print(f"recipe {args.recipe} for {hardware}{class_note(where)}: {RECIPES[args.recipe].why_for(hardware)}")
-        if args.config:
-            base.update(TrainConfig.from_json(args.config).to_dict())
-        if "optimizer" in given and "lr" not in given:
-            base.pop("lr", None)  # the new optimizer's default rate, not the old one's
-        if "model" in given and "label_smoothing" not in given and not model_class(given["model"]).label_smoothing_ok:
-            base.pop("label_smoothing", None)  # a recipe's, for its own network (lenet5-1998 has no logits)
-        config = TrainConfig.from_dict({**base, **given})
+                note = class_note(where) if RECIPES[args.recipe].by_class else ""
+                print(f"recipe {args.recipe} for {hardware}{note}: {RECIPES[args.recipe].why_for(hardware)}")
+        config = TrainConfig.from_dict({**_train_base(args, given, hardware), **given})
         if args.calibrate and canonical_name(config.dataset) != "mnist":  # its held-out and stress sets are MNIST's
             raise ConfigError(f"--calibrate fits the digit service's 'unsure' rule on MNIST digits; it does not apply "
                               f"to --dataset {config.dataset[:80]}: add --no-calibrate")
@@ -232,6 +239,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "below 60,000 (e.g. 55000), or --no-calibrate")
         device, dataset = config.device, config.dataset
     world = distributed.init(device)  # a no-op unless torchrun started this process
+    if not args.resume and args.recipe and world.distributed:
+        agreed = distributed.broadcast(hardware)  # each machine measured its own bf16: rank 0's class for all
+        if agreed != hardware:
+            config = TrainConfig.from_dict({**_train_base(args, given, agreed), **given})
     try:
         if args.resume:
             data = _load_data_ranked(args, world, dataset)

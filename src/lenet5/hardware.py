@@ -185,20 +185,31 @@ class Bf16Probe:
         return f"bf16 measured at {self.speedup:.2f}x fp32's speed here"
 
     def describe(self) -> str:
+        verdict = "" if self.pays else f"; bf16 is chosen from {BF16_MIN_SPEEDUP:.1f}x"
         return (f"{self.short()}: {self.bf16_ms:.1f} ms against {self.fp32_ms:.1f} ms for a convolution's forward "
-                f"and backward pass")
+                f"and backward pass{verdict}")
+
+    def as_dict(self) -> dict[str, float | bool | str]:
+        return {"fp32_ms": self.fp32_ms, "bf16_ms": self.bf16_ms, "speedup": round(self.speedup, 3),
+                "cached": self.cached, "file": str(_probe_cache_file())}
 
 
 def _probe_cache_file() -> Path:
-    """Where this machine's probe result is kept: one file per CPU, flag set, torch version and
-    emulation caps (each changes the answer)."""
+    """Where this machine's probe result is kept: one file per CPU, flag set, usable core count, torch
+    version and emulation caps (each changes the answer)."""
     import hashlib
 
     caps = [f"{k}={os.environ.get(k, '')}" for k in sorted({k for env in EMULATE.values() for k in env}
                                                            | {"DNNL_MAX_CPU_ISA"})]
-    key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), torch.__version__, *caps])
+    key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), str(usable_cores()), torch.__version__, *caps])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"bf16-probe-v{_PROBE_VERSION}-{digest}.json"
+
+
+def _probe_tensors(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
+    return x, w
 
 
 def _time_conv_pass(bf16: bool, seconds: float) -> float:
@@ -207,13 +218,15 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
     import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
-    w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
+    with torch.inference_mode(False):
+        x, w = _probe_tensors(generator)
+
 
     def one() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = F.conv2d(x, w, padding=2)
-        y.float().square().mean().backward()
+        with torch.inference_mode(False), torch.enable_grad():  # also when asked from under no_grad
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = F.conv2d(x, w, padding=2)
+            y.float().square().mean().backward()
 
     one()  # warm-up: oneDNN builds its kernels for this shape and precision
     best, deadline, runs = math.inf, time.perf_counter() + seconds, 0
@@ -225,11 +238,17 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
 
 
 def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
-    """Time the probe's pass in both precisions, alternating, about `seconds` in all."""
-    fp32 = bf16 = math.inf
-    for _ in range(2):
-        fp32 = min(fp32, _time_conv_pass(False, seconds / 4))
-        bf16 = min(bf16, _time_conv_pass(True, seconds / 4))
+    """Time the probe's pass in both precisions, alternating, about `seconds` in all, on as many
+    threads as this process has cores (whatever the thread count of the moment: under torchrun it is 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        fp32 = bf16 = math.inf
+        for _ in range(2):
+            fp32 = min(fp32, _time_conv_pass(False, seconds / 4))
+            bf16 = min(bf16, _time_conv_pass(True, seconds / 4))
+    finally:
+        torch.set_num_threads(threads)
     return Bf16Probe(round(fp32, 3), round(bf16, 3))
 
 
@@ -257,17 +276,23 @@ def bf16_probe() -> Bf16Probe:
 
 
 def _read_probe(path: Path) -> Bf16Probe | None:
+    """The cached result, or None for a missing, damaged or implausible file (then it is measured again)."""
     try:
+        if path.stat().st_size > 4096:
+            return None
         saved = json.loads(path.read_text())
-        probe = Bf16Probe(float(saved["fp32_ms"]), float(saved["bf16_ms"]), cached=True)
-        return probe if probe.fp32_ms > 0 and probe.bf16_ms > 0 else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # not measured yet here, or a damaged file: measure again
+        times = [saved["fp32_ms"], saved["bf16_ms"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    if not all(type(t) in (int, float) and math.isfinite(t) and 1e-3 <= t <= 1e5 for t in times):
+        return None  # booleans, strings, NaN, infinities, absurd times
+    return Bf16Probe(float(times[0]), float(times[1]), cached=True)
 
 
 @contextlib.contextmanager
-def _probe_lock(path: Path):
-    """An exclusive lock beside the probe's cache file, held while measuring (none where it cannot be had)."""
+def _probe_lock(path: Path, patience: float = 30.0):
+    """An exclusive lock beside the probe's cache file, held while measuring; none where it cannot be
+    had (no fcntl, a read-only cache) or after waiting `patience` seconds for a holder that is stuck."""
     try:
         import fcntl
 
@@ -277,10 +302,17 @@ def _probe_lock(path: Path):
         yield
         return
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            except OSError:  # a file system without locks
+                break
         yield
 
 
@@ -288,7 +320,7 @@ def _probe_lock(path: Path):
 class PrecisionChoice:
     precision: str  # fp32 or bf16
     reason: str
-    slow: bool = False  # bf16 asked for where it is emulated
+    slow: bool = False  # bf16 asked for where it is emulated, or measured slower than fp32
 
 
 def choose_precision(requested: str, device: torch.device, bf16_pays: bool = True) -> PrecisionChoice:
@@ -302,26 +334,27 @@ def choose_precision(requested: str, device: torch.device, bf16_pays: bool = Tru
     """
     if device.type == "cuda":
         fast = torch.cuda.is_bf16_supported()
+        slower = not fast
         why = f"{torch.cuda.get_device_name(device)} {'has' if fast else 'lacks'} bf16 support"
     elif device.type == "cpu":
         klass = cpu_class()
         native = f"CPU class {klass}: native bf16 ({'AMX' if klass == 'amx' else 'AVX512-BF16'})"
         if klass in BF16_CLASSES and (requested == "bf16" or requested == "auto" and bf16_pays):
             probe = bf16_probe()
-            fast = probe.pays
+            fast, slower = probe.pays, probe.speedup < 1
             why = f"{native}, {probe.describe()}"
         elif klass in BF16_CLASSES:  # fp32 either way: no need to time bf16
-            fast, why = True, native
+            fast, slower, why = True, False, native
         else:
-            fast = False
+            fast, slower = False, True
             why = f"CPU class {klass}: no native bf16 (AVX512-BF16 or AMX), bf16 would be emulated and slow"
     else:
-        fast, why = False, f"{device.type}: bf16 autocast not measured here"
+        fast, slower, why = False, True, f"{device.type}: bf16 autocast not measured here"
     if requested == "auto":
         if fast and not bf16_pays:
             return PrecisionChoice("fp32", f"auto: {why}, but this model runs faster in fp32")
         return PrecisionChoice("bf16" if fast else "fp32", f"auto: {why}")
-    if requested == "bf16" and not fast:
+    if requested == "bf16" and slower:
         return PrecisionChoice("bf16", f"asked for, and slow here: {why}", slow=True)
     return PrecisionChoice(requested, "asked for")
 
@@ -337,6 +370,12 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: f
         a @ b
         best = min(best, time.perf_counter() - started)
     return 2 * size ** 3 / best
+
+
+def probe_used() -> dict | None:
+    """The bf16 probe's figures if this process asked for them (for run.json), else None."""
+    info = getattr(bf16_probe, "cache_info", None)
+    return bf16_probe().as_dict() if info and info().currsize else None
 
 
 def hardware_class(device: torch.device) -> str:

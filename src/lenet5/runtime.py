@@ -16,7 +16,7 @@ import torch
 
 import lenet5
 from lenet5.errors import ConfigError
-from lenet5.hardware import cpu_class, cpu_model, usable_cores
+from lenet5.hardware import cpu_class, cpu_model, probe_used, usable_cores
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -102,6 +102,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "cpu_class": cpu_class(),
+        "bf16_probe": probe_used(),  # where the flags promise bf16: whether it measured faster than fp32
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }

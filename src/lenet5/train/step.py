@@ -91,6 +91,8 @@ class TrainStep:
         optimizer = build_optimizer(model.parameters(), config)
         scheduler = build_schedule(optimizer, config, steps_per_epoch)
         precision = choose_precision(config.precision, device, model_class(config.model).bf16_pays)
+        if world.distributed:  # each machine measured its own bf16 (lenet5.hardware.bf16_probe): rank 0's choice for all
+            precision = distributed.broadcast(precision)
         average = WeightAverage(model, config.ema) if config.ema else None
         return cls(model, optimizer, scheduler, model, precision, world, augment, governor, config.label_smoothing,
                    average, outliers)
