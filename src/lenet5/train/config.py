@@ -293,7 +293,7 @@ _FAST_BF16 = {"model": "keras-lenet", "lr": 1e-2, "label_smoothing": 0.1, "batch
               **_ONE_CYCLE}
 _BF16_WHY = "keras-lenet, Adam 1e-2 one-cycle, label smoothing 0.1, batch 128, 1 epoch: bf16 makes the big network cheap"
 _FAST_GPU = {"model": "keras-lenet", "lr": 1e-2, "batch_size": 512, "epochs": 2, **_ONE_CYCLE}
-_SLIM_WHY = ("slim-lenet-valid, Adam 2e-2 one-cycle, label smoothing 0.1, batch 128, 2 epochs: without native bf16, "
+_SLIM_WHY = ("slim-lenet-valid, Adam 2e-2 one-cycle, label smoothing 0.1, batch 128, 2 epochs: without fast bf16, "
              "a network with 6x fewer FLOPs than keras-lenet")
 # lr 2e-2 and label smoothing 0.1 since 2026-11-29, chosen on a validation split over 1e-2 without it
 # (docs/results/fast-recipes/README.md): 0.24 points more validation accuracy on seeds the choice had not seen.
