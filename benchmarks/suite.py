@@ -46,7 +46,8 @@ import train_throughput  # noqa: E402  (this folder's script, reused for part 2)
 
 from lenet5.evaluate import EVAL_BATCH  # noqa: E402
 from lenet5.models import create_model  # noqa: E402
-from lenet5.hardware import EMULATE, choose_precision, cpu_class, restart_emulating, usable_cores  # noqa: E402
+from lenet5.hardware import (EMULATE, choose_precision, cpu_class, hardware_class, probe_used,  # noqa: E402
+                             restart_emulating, usable_cores)
 from lenet5.hardware import matmul_peak as hardware_matmul_peak  # noqa: E402
 from lenet5.runtime import cpu_model  # noqa: E402
 
@@ -96,6 +97,8 @@ def machine(device: str) -> dict[str, Any]:
     # emulated bf16 runs at ~1 GFLOP/s: a smaller product shows that in seconds, not minutes
     info["matmul_gflops"] = {"fp32": round(matmul_peak(device, torch.float32, n)),
                              "bf16": round(matmul_peak(device, torch.bfloat16, n if bf16_native else 512), 1)}
+    info["bf16_probe"] = probe_used()  # where the flags promise bf16: what decided the precision and recipes
+    info["hardware_class"] = hardware_class(torch.device(device))  # what the recipes were chosen by
     return info
 
 
@@ -355,7 +358,9 @@ def table(results: dict[str, Any]) -> str:
                                                            if emulated else ""), "",
              f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if "gpu" in m else "")
-             + f"; matmul peak {m['matmul_gflops']['fp32']:,} GFLOP/s fp32, {m['matmul_gflops']['bf16']:,} bf16", ""]
+             + f"; matmul peak {m['matmul_gflops']['fp32']:,} GFLOP/s fp32, {m['matmul_gflops']['bf16']:,} bf16"
+             + (f"; bf16 probe {m['bf16_probe']['speedup']:.2f}x fp32, recipes of class {m['hardware_class']}"
+                if m.get("bf16_probe") else ""), ""]
     if "training" in results:
         lines += ["| model | batch | precision | lenet5 img/s | plain DataLoader loop img/s | ratio | share of matmul peak |",
                   "|---|---:|---|---:|---:|---:|---:|"]
