@@ -176,3 +176,25 @@ def test_the_bf16_probe_times_both_precisions():
         probe = measure_bf16(0.05)
     assert 0 < probe.fp32_ms < 1000 and 0 < probe.bf16_ms < 1000
     assert torch.get_num_threads() == threads  # measured on every usable core, then given back
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl locks")
+def test_the_probe_lock_serialises_and_never_waits_forever(tmp_path):
+    """torchrun's processes on one machine take turns to measure; a holder that is stuck (stopped
+    with Ctrl-Z, say) delays the others by the lock's patience, not for ever."""
+    import fcntl
+    import time
+
+    from lenet5.hardware import _probe_lock
+
+    path = tmp_path / "machine" / "bf16-probe.json"
+    with _probe_lock(path):
+        with open(path.with_suffix(".lock"), "a") as other:  # another process's attempt while it is held
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(path.with_suffix(".lock"), "a") as stuck:
+        fcntl.flock(stuck, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with _probe_lock(path, patience=0.3):
+            waited = time.monotonic() - started
+        assert 0.25 < waited < 5
