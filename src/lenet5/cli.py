@@ -27,7 +27,7 @@ from lenet5.data.catalog import canonical_name, dataset_names
 from lenet5.data.dataset import DATA_ENV, MIRRORS_ENV, check_files, load_dataset, resolve_data_dir
 from lenet5.errors import ConfigError, Lenet5Error, one_line
 from lenet5.evaluate import evaluate_checkpoint
-from lenet5.hardware import check_threads, class_note, cpu_class, hardware_class
+from lenet5.hardware import check_threads, class_note, hardware_class
 from lenet5.models import count_parameters, create_model, describe, list_models, model_class
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
@@ -226,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.recipe:
             where = resolve_device(given.get("device", "auto"))
             # the bf16 probe runs only for a recipe whose options differ by class
-            hardware = hardware_class(where) if RECIPES[args.recipe].by_class else cpu_class() if where.type == "cpu" else "gpu"
+            hardware = hardware_class(where, probe=bool(RECIPES[args.recipe].by_class))
             if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
                 note = class_note(where) if RECIPES[args.recipe].by_class else ""
                 print(f"recipe {args.recipe} for {hardware}{note}: {RECIPES[args.recipe].why_for(hardware)}")

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -206,6 +207,18 @@ def _probe_cache_file() -> Path:
     return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"bf16-probe-v{_PROBE_VERSION}-{digest}.json"
 
 
+def _best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) -> float:
+    """The fastest of repeated calls of `run` over about `seconds` (at least `at_least` of them),
+    after one warm-up call (thread pool, oneDNN's kernels for the shape)."""
+    run()
+    best, deadline, runs = math.inf, time.perf_counter() + seconds, 0
+    while runs < at_least or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        run()
+        best, runs = min(best, time.perf_counter() - started), runs + 1
+    return best
+
+
 def _probe_tensors(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
     w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
@@ -227,13 +240,7 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
                 y = F.conv2d(x, w, padding=2)
             y.float().square().mean().backward()
 
-    one()  # warm-up: oneDNN builds its kernels for this shape and precision
-    best, deadline, runs = math.inf, time.perf_counter() + seconds, 0
-    while runs < 3 or time.perf_counter() < deadline:
-        started = time.perf_counter()
-        one()
-        best, runs = min(best, time.perf_counter() - started), runs + 1
-    return best * 1e3
+    return _best_seconds(one, seconds, at_least=3) * 1e3
 
 
 def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
@@ -362,13 +369,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: f
     """The machine's matrix-product rate in FLOP/s, in this process with its threads: the best of
     repeated size^3 products over about `seconds` (the compute limit every share of peak refers to)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: thread pool, oneDNN/MKL set-up
-    best, deadline = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == math.inf:
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * size ** 3 / best
+    return 2 * size ** 3 / _best_seconds(lambda: a @ b, seconds)
 
 
 def probe_used() -> dict | None:
@@ -377,13 +378,14 @@ def probe_used() -> dict | None:
     return bf16_probe().as_dict() if info and info().currsize else None
 
 
-def hardware_class(device: torch.device) -> str:
+def hardware_class(device: torch.device, probe: bool = True) -> str:
     """`gpu`, or the CPU's class: what recipes are chosen by. A CPU whose flags promise native bf16
-    but whose bf16 the probe measured no faster than fp32 counts as `avx512`, the same CPU without it."""
+    but whose bf16 the probe measured no faster than fp32 counts as `avx512`, the same CPU without it;
+    `probe=False` gives the class by the flags alone, without timing anything."""
     if device.type == "cuda":
         return "gpu"
     klass = cpu_class()
-    return "avx512" if klass in BF16_CLASSES and not bf16_probe().pays else klass
+    return "avx512" if probe and klass in BF16_CLASSES and not bf16_probe().pays else klass
 
 
 def class_note(device: torch.device) -> str:
