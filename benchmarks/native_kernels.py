@@ -125,7 +125,7 @@ def main() -> None:
     else:
         images, labels = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (60_000,))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels built with -march={args.march} "
-          f"({torch.ops.lenet5_native.vector_width()} floats per vector), ATen capability "
+          f"({native.kernels().vector_width} floats per vector), ATen capability "
           f"{torch.backends.cpu.get_cpu_capability()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}, "
           f"load average {os.getloadavg()[0]:.2f}")
     peak = matmul_peak()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -102,8 +103,11 @@ def test_training_step_matches_pytorch_path(kernels, mnist):
         assert not native.applies(x, model.features[0])
         expected_loss, expected_grads = step()
     assert_close(loss, expected_loss)
-    for g, e in zip(grads, expected_grads):
+    for g, e, p in zip(grads, expected_grads, model.parameters()):
         assert_close(g, e)
+        assert g.stride() == p.stride()  # read and written in the weights' channels_last layout (DDP's buckets)
+    c3 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1].weight
+    assert c3.stride() != c3.contiguous().stride()  # a layout the kernel reads and writes by its strides
     activations = model.activations(x)  # the unfused stages, for the feature-map viewer
     assert_close(activations["output"], model(x))
 
@@ -157,7 +161,7 @@ def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
     from lenet5.hardware import EMULATE
 
     code = ("import torch; from lenet5 import native; assert native.available(), native.why_unavailable(); "
-            "print(torch.ops.lenet5_native.vector_width())")
+            "print(native.kernels().vector_width)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, **EMULATE["avx2"]})
     assert out.returncode == 0, out.stderr
@@ -172,7 +176,7 @@ def test_the_kernels_run_on_torchs_threads_with_one_openmp_runtime(kernels):
     try:
         for threads in (2, 1):
             torch.set_num_threads(threads)
-            assert torch.ops.lenet5_native.parallel_threads() == threads
+            assert native.kernels().parallel_threads() == threads
     finally:
         torch.set_num_threads(before)
     runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line or "libomp" in line}
@@ -267,7 +271,7 @@ def test_fused_rmsprop_state_loads_both_ways(kernels):
 
 def test_the_rmsprop_kernel_refuses_tensors_that_do_not_match(kernels):
     p, g, s = torch.zeros(4), torch.ones(4), torch.zeros(2)  # an average of the wrong size (a bad checkpoint)
-    step = torch.ops.lenet5_native.rmsprop_step
+    step = native.kernels().rmsprop_step
     assert not native.rmsprop_applies([p], [g], [s])
     with pytest.raises(RuntimeError, match="share one dense layout"):
         step([p], [g], [s], [], 1e-3, 0.9, 1e-7, 0.0)
@@ -300,8 +304,8 @@ def test_the_rmsprop_kernel_on_bf16_copies_steps_as_autocasts_casts_would(kernel
     s2 = s1.clone()
     p2, copy = p.clone(), torch.empty_like(p, dtype=torch.bfloat16)
     args = (1e-3, 0.9, 1e-7, weight_decay)
-    torch.ops.lenet5_native.rmsprop_step([p], [g.float()], [s1], [], *args)
-    torch.ops.lenet5_native.rmsprop_step([p2], [g], [s2], [copy], *args)
+    native.kernels().rmsprop_step([p], [g.float()], [s1], [], *args)
+    native.kernels().rmsprop_step([p2], [g], [s2], [copy], *args)
     torch.testing.assert_close(p2, p, rtol=0, atol=0, equal_nan=True)  # the NaN weight's average is NaN with decay
     torch.testing.assert_close(s2, s1, rtol=0, atol=0, equal_nan=True)
     expected = p2.to(torch.bfloat16)
@@ -310,16 +314,21 @@ def test_the_rmsprop_kernel_on_bf16_copies_steps_as_autocasts_casts_would(kernel
     assert torch.equal(copy[finite].view(torch.int16), expected[finite].view(torch.int16))  # bit for bit
     ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8)])
     q, c = ties.clone(), torch.empty(3, dtype=torch.bfloat16)
-    torch.ops.lenet5_native.rmsprop_step([q], [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [c],
+    native.kernels().rmsprop_step([q], [torch.zeros(3, dtype=torch.bfloat16)], [torch.zeros(3)], [c],
                                          1e-3, 0.9, 1e-7, 0.0)
     assert torch.equal(q, ties) and c.tolist() == [1.0, 1.0 + 2 ** -6, -1.0]  # to even: down, up, down
 
 
-def test_the_cache_key_sees_the_include_paths_the_build_uses():
-    """The key is made without importing cpp_extension; it must name the folders a build passes."""
-    from lenet5.native import build
+@pytest.mark.skipif(sys.platform != "linux" or not shutil.which("readelf"), reason="reads the ELF dynamic section")
+def test_the_kernels_library_needs_no_torch_library(kernels):
+    """A plain C library (no ATen headers to compile: a first build in seconds), whose only OpenMP
+    runtime is the libgomp torch itself loads."""
+    from lenet5.native.build import library
 
-    assert build._include_dirs(exact=False) == build._include_dirs(exact=True)
+    needed = subprocess.run(["readelf", "-d", str(library())], capture_output=True, text=True, check=True).stdout
+    libraries = {line.split("[")[1].split("]")[0] for line in needed.splitlines() if "(NEEDED)" in line}
+    assert not {name for name in libraries if "torch" in name or "c10" in name}, libraries
+    assert "libgomp.so.1" in libraries or not native.build.openmp_flags(compiler())
 
 
 
@@ -362,12 +371,12 @@ def test_relu_max_pool_leaves_other_tensors_to_pytorch(kernels):
     with native.disabled():
         assert not native.relu_max_pool_applies(x)
     with pytest.raises(RuntimeError, match="even"):
-        torch.ops.lenet5_native.relu_max_pool_forward(x[:, :, :7, :7].contiguous(memory_format=torch.channels_last))
+        native.kernels().relu_max_pool_forward(x[:, :, :7, :7].contiguous(memory_format=torch.channels_last))
     with pytest.raises(RuntimeError, match="channels_last"):
-        torch.ops.lenet5_native.relu_max_pool_forward(x.contiguous())
-    y, which = torch.ops.lenet5_native.relu_max_pool_forward(x)
+        native.kernels().relu_max_pool_forward(x.contiguous())
+    y, which = native.kernels().relu_max_pool_forward(x)
     with pytest.raises(RuntimeError, match="do not match"):
-        torch.ops.lenet5_native.relu_max_pool_backward(torch.ones_like(y), which[:1])
+        native.kernels().relu_max_pool_backward(torch.ones_like(y), which[:1])
 
 
 @pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet-valid"])

@@ -8,7 +8,9 @@ C++ kernel (conv_tanh_pool.cpp), forward and backward, vectorised across images 
 AVX2 and parallel over the batch on PyTorch's own thread pool (built with -fopenmp against torch's
 libgomp where that applies: `build.openmp_flags`).
 
-The kernels are compiled on first use with the machine's compiler and cached (see `build`).
+The kernels are compiled on first use with the machine's compiler and cached (see `build`). They
+are a plain C library, called through ctypes (`Kernels`): this module allocates every tensor, checks
+its shape, type and layout, and passes its memory, so no ATen header is compiled.
 When that is impossible (no compiler, a failed build, Windows) one warning is logged and the
 PyTorch path is used instead; it is also used wherever the kernel does not apply (not CPU
 fp32, autocast, tracing, export, torch.compile, torch.func transforms, other layer shapes).
@@ -20,6 +22,7 @@ LENET5_NATIVE_MARCH builds for another CPU (a -march value, e.g. haswell for AVX
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import threading
@@ -33,15 +36,163 @@ from lenet5.native.build import BuildError, library
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "ops" once loaded, or "error": why not; filled on first use
+_state: dict[str, object] = {}  # "ops" (a Kernels) once loaded, or "error": why not; filled on first use
 _disabled = threading.local()  # set by `disabled()`, per thread
 # Builds the kernels for another CPU than this one (e.g. haswell: AVX2 only), as
 # lenet5.hardware.EMULATE does for an emulated class, so that their vector width follows it.
 MARCH_ENV = "LENET5_NATIVE_MARCH"
 
 
-def _ops():
-    """torch.ops.lenet5_native, compiling and loading it on first call; None if unavailable."""
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_F = ctypes.c_float
+_INT = ctypes.c_int
+_STRIDES = ctypes.c_int64 * 4
+_SIGNATURES = {
+    "lenet5_vector_width": (_INT, []),
+    "lenet5_parallel_threads": (_I64, [_INT]),
+    "lenet5_conv_tanh_pool_forward": (None, [_P, _I64, _I64, _I64, _I64, _P, _STRIDES, _I64, _P, _I64, _P, _P, _P,
+                                             _INT]),
+    "lenet5_conv_tanh_pool_backward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _STRIDES, _P, _P,
+                                              _STRIDES, _P, _INT]),
+    "lenet5_rmsprop_tensor": (None, [_P, _P, _INT, _P, _P, _I64, _F, _F, _F, _F, _F, _INT]),
+    "lenet5_relu_max_pool_forward": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _P, _INT]),
+    "lenet5_relu_max_pool_backward": (None, [_P, _P, _INT, _I64, _I64, _I64, _I64, _P, _INT]),
+}
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+class Kernels:
+    """The compiled library (conv_tanh_pool.cpp) behind a checked Python interface: each method
+    allocates what the kernel writes, refuses tensors it was not written for (RuntimeError), and
+    runs the kernel on torch's current thread count."""
+
+    def __init__(self, path: str):
+        self._lib = ctypes.CDLL(path)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        self.vector_width = int(self._lib.lenet5_vector_width())
+
+    def parallel_threads(self) -> int:
+        """The threads the kernels' parallel loops run on at torch's current thread count."""
+        return int(self._lib.lenet5_parallel_threads(torch.get_num_threads()))
+
+    def conv_tanh_pool_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
+                               save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """avg_pool2d(tanh(conv2d(x, weight, bias, padding)), 2), and what the backward pass needs
+        when `save` (empty tensors otherwise)."""
+        x = x.contiguous()
+        B, ci, h, w = x.shape
+        co = weight.shape[0]
+        oh, ow = h + 2 * padding - 4, w + 2 * padding - 4
+        if weight.shape != (co, ci, 5, 5) or bias.shape != (co,) or oh <= 0 or ow <= 0 or oh % 2 or ow % 2:
+            raise RuntimeError(f"conv_tanh_pool: unsupported shape (input {tuple(x.shape)}, weight "
+                               f"{tuple(weight.shape)}, padding {padding})")
+        blocks = -(-B // self.vector_width) * self.vector_width
+        b = bias.contiguous()
+        out = x.new_empty(B, co, oh // 2, ow // 2)
+        xsave = x.new_empty(blocks * ci * (h + 2 * padding) * (w + 2 * padding) if save else 0)
+        ssave = x.new_empty(blocks * co * oh * ow if save else 0)
+        self._lib.lenet5_conv_tanh_pool_forward(
+            x.data_ptr(), B, ci, h, w, weight.data_ptr(), _STRIDES(*weight.stride()), co, b.data_ptr(), padding,
+            out.data_ptr(),
+            xsave.data_ptr() if save else None, ssave.data_ptr() if save else None, torch.get_num_threads())
+        return out, xsave, ssave
+
+    def conv_tanh_pool_backward(self, grad: torch.Tensor, xsave: torch.Tensor, ssave: torch.Tensor,
+                                weight: torch.Tensor, h: int, w: int, padding: int,
+                                need_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input (empty unless `need_input`), weight and bias gradients from the output's."""
+        grad = grad.contiguous()
+        B, co = grad.shape[:2]
+        ci = weight.shape[1]
+        hp, wp_ = h + 2 * padding, w + 2 * padding
+        blocks = -(-B // self.vector_width) * self.vector_width
+        if grad.shape != (B, co, (hp - 4) // 2, (wp_ - 4) // 2) or xsave.numel() != blocks * ci * hp * wp_ \
+                or ssave.numel() != blocks * co * (hp - 4) * (wp_ - 4):
+            raise RuntimeError("conv_tanh_pool_backward: the forward pass kept no state for this batch")
+        gin = grad.new_empty(B if need_input else 0, ci, h, w)
+        # the weight's own layout (channels_last in training), as DDP's gradient buckets expect
+        gw, gb = torch.empty_like(weight), grad.new_empty(co)
+        self._lib.lenet5_conv_tanh_pool_backward(
+            grad.data_ptr(), B, ci, h, w, co, padding, xsave.data_ptr(), ssave.data_ptr(), weight.data_ptr(),
+            _STRIDES(*weight.stride()), gin.data_ptr() if need_input else None, gw.data_ptr(), _STRIDES(*gw.stride()),
+            gb.data_ptr(), torch.get_num_threads())
+        return gin, gw, gb
+
+    def rmsprop_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
+                     copies: list[torch.Tensor], lr: float, alpha: float, eps: float, weight_decay: float) -> None:
+        """PyTorch's RMSprop update of every tensor in place (see conv_tanh_pool.cpp)."""
+        if not len(params) == len(grads) == len(square_avgs):
+            raise RuntimeError("rmsprop_step: list lengths differ")
+        if copies and len(copies) != len(params):
+            raise RuntimeError("rmsprop_step: one bfloat16 copy per parameter, or none")
+        for t, (p, g, s) in enumerate(zip(params, grads, square_avgs)):  # everything is checked before any write
+            if not (p.is_cpu and g.is_cpu and s.is_cpu):
+                raise RuntimeError("rmsprop_step: CPU tensors only")
+            if not (p.dtype == s.dtype == torch.float32 and g.dtype in (torch.float32, torch.bfloat16)):
+                raise RuntimeError("rmsprop_step: float32 parameters and averages, float32 or bfloat16 gradients only")
+            if not (p.shape == g.shape == s.shape and p.stride() == g.stride() == s.stride()) \
+                    or not (p.is_contiguous() or _channels_last(p)):
+                raise RuntimeError("rmsprop_step: a parameter, its gradient and its average must share one dense "
+                                   "layout")
+            if _shares_memory(p, g) or _shares_memory(p, s) or _shares_memory(g, s):
+                raise RuntimeError("rmsprop_step: tensors share memory")
+            if copies:
+                c = copies[t]
+                if not c.is_cpu or c.dtype != torch.bfloat16 or c.shape != p.shape \
+                        or c.stride() != p.stride() or any(_shares_memory(c, o) for o in (p, g, s)):
+                    raise RuntimeError("rmsprop_step: each copy must be a bfloat16 tensor of its parameter's layout, "
+                                       "of its own memory")
+        # float32 arguments, each rounded from Python's double as C++'s float(double) rounds
+        a, b, e, lr_, wd = alpha, 1 - alpha, eps, lr, weight_decay
+        threads = torch.get_num_threads()
+        for t, (p, g, s) in enumerate(zip(params, grads, square_avgs)):
+            self._lib.lenet5_rmsprop_tensor(p.data_ptr(), g.data_ptr(), int(g.dtype == torch.bfloat16), s.data_ptr(),
+                                            copies[t].data_ptr() if copies else None, p.numel(), a, b, e, lr_, wd,
+                                            threads)
+
+    @staticmethod
+    def _check_pool_input(x: torch.Tensor, what: str) -> None:
+        if x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16):
+            raise RuntimeError(f"relu_max_pool: {what} must be a 4-d float32 or bfloat16 CPU tensor")
+        if not _channels_last(x):
+            raise RuntimeError(f"relu_max_pool: {what} must be channels_last")
+
+    def relu_max_pool_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """relu(max_pool2d(x, 2, 2)) and, per output, which input of its window it came from."""
+        self._check_pool_input(x, "the input")
+        N, C, H, W = x.shape
+        if H % 2 or W % 2 or H == 0 or W == 0:
+            raise RuntimeError("relu_max_pool: height and width must be even")
+        y = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, memory_format=torch.channels_last)
+        which = torch.empty_like(y)  # positions 0-4 in x's own dtype (the bits' integer for bfloat16)
+        self._lib.lenet5_relu_max_pool_forward(x.data_ptr(), int(x.dtype == torch.bfloat16), N, C, H, W, y.data_ptr(),
+                                               which.data_ptr(), torch.get_num_threads())
+        return y, which
+
+    def relu_max_pool_backward(self, grad: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """The input's gradient from the output's and the forward pass's `which`."""
+        self._check_pool_input(grad, "the gradient")
+        if which.dtype != grad.dtype or which.shape != grad.shape or not _channels_last(which):
+            raise RuntimeError("relu_max_pool: the saved maxima do not match the gradient")
+        N, C, OH, OW = grad.shape
+        gx = torch.empty(N, C, 2 * OH, 2 * OW, dtype=grad.dtype, memory_format=torch.channels_last)
+        self._lib.lenet5_relu_max_pool_backward(grad.data_ptr(), which.data_ptr(), int(grad.dtype == torch.bfloat16),
+                                                N, C, OH, OW, gx.data_ptr(), torch.get_num_threads())
+        return gx
+
+
+def _ops() -> Kernels | None:
+    """The kernels, compiling and loading them on first call; None if unavailable."""
     if "ops" in _state or "error" in _state:
         return _state.get("ops")
     with _lock:
@@ -52,12 +203,16 @@ def _ops():
             log.info("native kernels %s; using the PyTorch path", _state["error"])
             return None
         try:
-            torch.ops.load_library(str(library(_state.get("march") or os.environ.get(MARCH_ENV) or "native")))
-            _state["ops"] = torch.ops.lenet5_native
+            _state["ops"] = Kernels(str(library(_state.get("march") or os.environ.get(MARCH_ENV) or "native")))
         except (BuildError, OSError, RuntimeError) as e:
             _state["error"] = str(e)
             log.warning("native kernels unavailable (%s); falling back to the PyTorch path", e)
         return _state.get("ops")
+
+
+def kernels() -> Kernels | None:
+    """The loaded kernels (compiling them if need be), or None where they are unavailable."""
+    return _ops()
 
 
 def available() -> bool:
@@ -103,9 +258,7 @@ class _ConvTanhPool(torch.autograd.Function):
         xsave, ssave, weight = ctx.saved_tensors
         h, w, padding = ctx.shape
         gx, gw, gb = _ops().conv_tanh_pool_backward(grad, xsave, ssave, weight, h, w, padding,
-                                                           ctx.needs_input_grad[0])
-        if gw.stride() != weight.stride():  # the gradient takes its weight's layout (channels_last), as DDP expects
-            gw = torch.empty_like(weight).copy_(gw)
+                                                    ctx.needs_input_grad[0])
         return (gx if ctx.needs_input_grad[0] else None), gw, gb, None, None
 
 

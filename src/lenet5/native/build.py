@@ -1,15 +1,16 @@
 """Compile the native kernels with the machine's C++ compiler, once, and cache the library.
 
-The library is built for this CPU (`-march=native`: AVX-512 or AVX2 as the machine has) against
-the running torch, so the cache key is the hash of the source, the torch version and ABI, the
-compiler and its flags, and the CPU's feature flags; a new torch, compiler or machine gets a
+The library is built for this CPU (`-march=native`: AVX-512 or AVX2 as the machine has), so the
+cache key is the hash of the source, the torch version (whose OpenMP runtime the kernels share),
+the compiler and its flags, and the CPU's feature flags; a new torch, compiler or machine gets a
 fresh build. Builds go to  platformdirs.user_cache_dir("lenet5")/native/<key>/  and are written
 under a temporary name and renamed, so processes starting together (torchrun ranks) never load
 a half-written file.
 
-No ninja and no pybind11: the kernels register themselves as torch operators (TORCH_LIBRARY),
-which needs only the ATen headers and keeps a cold build at about 10 s. A source that needs no
-ATen (`torch_ops=False`, a plain C ABI for ctypes) builds without them in about a second.
+No ninja, no pybind11 and no ATen headers: each source is a plain C ABI that lenet5.native calls
+through ctypes with the memory of tensors it allocated, so a cold build takes about two seconds.
+(Registered as torch operators, the same kernels took eight: parsing ATen's headers was most of
+it, and a user's first run waited for it.)
 """
 
 from __future__ import annotations
@@ -52,23 +53,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _include_dirs(exact: bool) -> list[str]:
-    """ATen's header folders. The cache key takes them from torch's layout, without importing
-    torch.utils.cpp_extension (which imports setuptools: a quarter of a second at every start);
-    a build asks cpp_extension itself."""
-    if exact:
-        from torch.utils import cpp_extension
-
-        return list(cpp_extension.include_paths())
-    root = Path(torch.__file__).parent / "include"
-    return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
-
-
 def openmp_flags(cxx: str) -> list[str]:
     """`-fopenmp` where the kernels then run on torch's own OpenMP threads, else nothing.
 
-    at::parallel_for is a header template: built without OpenMP, it is a plain loop, and the
-    kernels ran on one thread whatever torch's thread count (until this flag, they did). With
+    Built without OpenMP, the kernels' parallel loops are plain loops and run on one thread
+    whatever torch's thread count (until this flag, they did). With
     GCC's -fopenmp the library needs libgomp.so.1, and the loader binds that to the libgomp torch
     has already loaded (the same soname; torch's rpath finds it too): one runtime, one thread
     pool, and torch.set_num_threads counts for the kernels as for ATen's own. So only where torch
@@ -97,28 +86,20 @@ def _is_gcc(cxx: str) -> bool:
     return done.returncode == 0 and "__GNUC__" in macros and "__clang__" not in macros and "__INTEL" not in macros
 
 
-def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, torch_ops: bool = True,
-             exact: bool = True, openmp: list[str] = ()) -> list[str]:
-    base = [cxx, "-O3", f"-march={march}", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w"]
-    if not torch_ops:
-        return [*base, str(source), "-o", str(output)]
-    base += list(openmp)
-    torch_lib = str(Path(torch.__file__).parent / "lib")
-    return [*base, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *[f"-I{p}" for p in _include_dirs(exact)],
-            str(source), "-o", str(output),
-            f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
+def _command(cxx: str, march: str, output: Path, source: Path = SOURCE, openmp: list[str] = ()) -> list[str]:
+    return [cxx, "-O3", f"-march={march}", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w", *openmp,
+            str(source), "-o", str(output)]
 
 
-def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True) -> Path:
+def library(march: str = "native", source: Path = SOURCE, parallel: bool = True) -> Path:
     """Path of the compiled library of `source` for this CPU (or `march`), building it on first use;
-    `torch_ops=False` for a source with a plain C ABI that includes no ATen header."""
+    `parallel=False` for a source with no parallel loops (built without OpenMP)."""
     if sys.platform == "win32":
         raise BuildError("native kernels are built on Linux and macOS only")
     cxx = compiler()
-    openmp = openmp_flags(cxx) if torch_ops else []
+    openmp = openmp_flags(cxx) if parallel else []
     key_parts = [source.read_bytes(), torch.__version__.encode(), cxx.encode(), march.encode(), _cpu_flags().encode(),
-                 " ".join(_command("CXX", march, Path("out"), source, torch_ops, exact=False, openmp=openmp)).encode()]
+                 " ".join(_command("CXX", march, Path("out"), source, openmp=openmp)).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     name = "lenet5_native.so" if source == SOURCE else f"lenet5_{source.stem}.so"
     target = Path(user_cache_dir("lenet5")) / "native" / key / name
@@ -130,12 +111,11 @@ def library(march: str = "native", source: Path = SOURCE, torch_ops: bool = True
         if openmp and not _is_gcc(cxx):
             log.warning("%s is not GCC: the native kernels are built without OpenMP and run on one thread", cxx)
             openmp = []
-        done = subprocess.run(_command(cxx, march, partial, source, torch_ops, openmp=openmp), capture_output=True,
-                              text=True)
+        done = subprocess.run(_command(cxx, march, partial, source, openmp=openmp), capture_output=True, text=True)
         if done.returncode != 0 and openmp:  # e.g. no libgomp.so to link: one thread beats no kernels
             log.warning("building the native kernels with -fopenmp failed (%s); building them for one thread",
                         (done.stderr.strip().splitlines() or ["no output"])[-1])
-            done = subprocess.run(_command(cxx, march, partial, source, torch_ops), capture_output=True, text=True)
+            done = subprocess.run(_command(cxx, march, partial, source), capture_output=True, text=True)
     except OSError as e:
         raise BuildError(f"{cxx} could not run: {e}") from None
     if done.returncode != 0:

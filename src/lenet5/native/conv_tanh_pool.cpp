@@ -7,25 +7,26 @@
 // full vector times one broadcast weight, for any channel count and image size, with no
 // border or remainder code inside the hot loops. Output tiles of NO channels x NX columns
 // stay in registers (NO*NX accumulators: 24 of the 32 AVX-512 registers, 12 of 16 with AVX2).
-// Batches are split into blocks over PyTorch's own thread pool (at::parallel_for, built with
-// -fopenmp against torch's libgomp: see lenet5.native.build), so no second runtime competes
-// for the cores.
+// Batches are split into blocks over PyTorch's own thread pool: built with -fopenmp, the library
+// binds to the libgomp torch has loaded (see lenet5.native.build), so no second runtime competes
+// for the cores, and the caller passes torch's thread count.
 // The vector code is GCC/Clang vector extensions: -march picks the width, and the same
 // source builds (slower) for any target.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
+//
+// No ATen: a plain C ABI (the `lenet5_*` functions at the end) called through ctypes by
+// lenet5.native, which allocates every tensor and passes its memory. Without ATen's headers the
+// build takes about a second instead of eight, which a user's first run waits for.
 #include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <tuple>
+#include <memory>
 #include <type_traits>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX512F__)
 constexpr int V = 16, ACC = 24;
@@ -39,7 +40,30 @@ constexpr int K = 5;  // the kernel size instantiated; Python sends other sizes 
 
 namespace {
 
-using Buf = std::vector<vf>;  // std::vector<vf> is aligned for vf (C++17 aligned new)
+// at::parallel_for's contract with OpenMP: f(begin, end) over [begin, end) split into one chunk
+// per thread, at most `threads` threads and none for less than `grain` items; a plain call when
+// already inside a parallel region or built without OpenMP.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, int threads, const F& f) {
+  if (begin >= end) return;
+#ifdef _OPENMP
+  const int64_t n = end - begin, most = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  if (most > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(int(most))
+    {
+      const int64_t chunk = (n + omp_get_num_threads() - 1) / omp_get_num_threads();
+      const int64_t b = begin + omp_get_thread_num() * chunk;
+      if (b < end) f(b, std::min(end, b + chunk));
+    }
+    return;
+  }
+#endif
+  f(begin, end);
+}
+
+using Buf = std::vector<vf>;
+
+inline int64_t need_input_size(const float* gip, int64_t n) { return gip ? n : 0; }  // std::vector<vf> is aligned for vf (C++17 aligned new)
 
 struct Shape { int64_t c, h, w; int64_t size() const { return c * h * w; } };
 
@@ -192,36 +216,41 @@ inline vf vtanh(vf x) {
 // from a shared counter rather than split in fixed halves, so when another process takes a core
 // the thread still running claims the rest instead of waiting for the descheduled one.
 template <class Scratch, class Work>
-void for_each_block(int64_t nblocks, const Work& work) {
+void for_each_block(int64_t nblocks, int threads, const Work& work) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(nblocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  parallel_for(0, std::min<int64_t>(nblocks, threads), 1, threads, [&](int64_t, int64_t) {
     Scratch scratch;
     for (int64_t blk; (blk = next.fetch_add(1)) < nblocks;) work(blk, scratch);
   });
 }
 
-Shape in_shape(const at::Tensor& x, int64_t pad) { return {x.size(1), x.size(2) + 2 * pad, x.size(3) + 2 * pad}; }
+// A weight (co, ci, K, K) in any layout: element [o][i][ky][kx] at o*st[0] + i*st[1] + ky*st[2] + kx*st[3].
+struct Weight {
+  const float* p; int64_t co, ci; const int64_t* st;
+  float operator()(int64_t o, int64_t i, int64_t ky, int64_t kx) const {
+    return p[o * st[0] + i * st[1] + ky * st[2] + kx * st[3]];
+  }
+};
 
-// Returns [pooled (B, Co, Ho/2, Wo/2), and, when `save`, the packed padded input and
-// s = (1 - tanh^2) / 4 per block: all the backward pass needs].
-std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& weight, const at::Tensor& bias, int64_t pad,
-                                bool save) {
-  const at::Tensor x = x_.contiguous();
-  const int64_t B = x.size(0), nblocks = (B + V - 1) / V;
-  const Shape is = in_shape(x, pad), os{weight.size(0), is.h - K + 1, is.w - K + 1};
-  const Shape ps{os.c, os.h / 2, os.w / 2}, xs{x.size(1), x.size(2), x.size(3)};
-  TORCH_CHECK(weight.size(2) == K && weight.size(3) == K && os.h % 2 == 0 && os.w % 2 == 0, "unsupported shape");
-  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();  // [i][ky][kx][o]: NO weights side by side
-  const at::Tensor b = bias.contiguous();
-  at::Tensor out = at::empty({B, ps.c, ps.h, ps.w}, x.options());
-  at::Tensor xsave = at::empty({save ? nblocks * is.size() * V : 0}, x.options());
-  at::Tensor ssave = at::empty({save ? nblocks * os.size() * V : 0}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  vf* xsp = reinterpret_cast<vf*>(xsave.data_ptr<float>());
-  vf* ssp = reinterpret_cast<vf*>(ssave.data_ptr<float>());
+// x (B, ci, h, w) contiguous -> out (B, co, oh/2, ow/2) and, unless xsave is null, the packed
+// padded input and s = (1 - tanh^2) / 4 per block (nblocks * in.size() and nblocks * conv.size()
+// vectors): all the backward pass needs.
+void forward(const float* xp, int64_t B, int64_t ci, int64_t h, int64_t w, const Weight& weight,
+             const float* bp, int64_t pad, float* op, float* xsave, float* ssave, int threads) {
+  const int64_t nblocks = (B + V - 1) / V, co = weight.co;
+  std::vector<float> wperm(ci * K * K * co);  // [i][ky][kx][o]: NO weights side by side
+  for (int64_t i = 0; i < ci; ++i)
+    for (int ky = 0; ky < K; ++ky)
+      for (int kx = 0; kx < K; ++kx)
+        for (int64_t o = 0; o < co; ++o) wperm[((i * K + ky) * K + kx) * co + o] = weight(o, i, ky, kx);
+  const float* wp = wperm.data();
+  const bool save = xsave != nullptr;
+  const Shape is{ci, h + 2 * pad, w + 2 * pad}, os{co, is.h - K + 1, is.w - K + 1};
+  const Shape ps{os.c, os.h / 2, os.w / 2}, xs{ci, h, w};
+  vf* xsp = reinterpret_cast<vf*>(xsave);
+  vf* ssp = reinterpret_cast<vf*>(ssave);
   struct Scratch { Buf xin, z, pooled; };
-  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+  for_each_block<Scratch>(nblocks, threads, [&](int64_t blk, Scratch& sc) {
     if (sc.z.empty()) sc.xin.resize(save ? 0 : is.size()), sc.z.resize(os.size()), sc.pooled.resize(ps.size());
     vf *xin = sc.xin.data(), *z = sc.z.data(), *pooled = sc.pooled.data();
     vf* xb = save ? xsp + blk * is.size() : xin;
@@ -243,35 +272,36 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& weight, 
         }
     unpack(pooled, ps, 0, op, B, blk * V, ps);
   });
-  return {out, xsave, ssave};
 }
 
-// Returns [grad input (empty unless need_input), grad weight, grad bias].
-std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsave, const at::Tensor& ssave,
-                                 const at::Tensor& weight, int64_t in_h, int64_t in_w, int64_t pad, bool need_input) {
-  const at::Tensor gout = gout_.contiguous();
-  const int64_t B = gout.size(0), nblocks = (B + V - 1) / V;
-  const int64_t co = weight.size(0), ci = weight.size(1);
+// gout (B, co, oh/2, ow/2) contiguous and what forward saved -> the weight gradient, written in
+// the weight's own layout (gw_st, as DDP's buckets expect), the bias gradient (co floats), and
+// the input gradient (B, ci, in_h, in_w) unless gip is null.
+void backward(const float* gp, int64_t B, int64_t in_h, int64_t in_w, int64_t pad, const float* xsave,
+              const float* ssave, const Weight& weight, float* gip, float* gwp, const int64_t* gw_st, float* gbp,
+              int threads) {
+  const int64_t nblocks = (B + V - 1) / V, co = weight.co, ci = weight.ci;
+  std::vector<float> wflip(need_input_size(gip, co * K * K * ci));  // flipped, [o][ky][kx][i]
+  for (int64_t o = 0; gip && o < co; ++o)
+    for (int ky = 0; ky < K; ++ky)
+      for (int kx = 0; kx < K; ++kx)
+        for (int64_t i = 0; i < ci; ++i) wflip[((o * K + ky) * K + kx) * ci + i] = weight(o, i, K - 1 - ky, K - 1 - kx);
+  const float* wtp = wflip.data();
+  const bool need_input = gip != nullptr;
   const Shape is{ci, in_h + 2 * pad, in_w + 2 * pad}, os{co, is.h - K + 1, is.w - K + 1}, ps{co, os.h / 2, os.w / 2};
   // dz padded by K-1 on every side: the input gradient is then a valid correlation of it with
   // the flipped, transposed kernel, the same conv() as the forward pass.
   const int64_t dpad = need_input ? K - 1 : 0;
-  TORCH_CHECK(xsave.numel() == nblocks * is.size() * V && ssave.numel() == nblocks * os.size() * V,
-              "conv_tanh_pool_backward: the forward pass kept no state for this batch");
   const Shape ds{co, os.h + 2 * dpad, os.w + 2 * dpad}, gs{ci, in_h, in_w};
-  const at::Tensor wt = weight.flip({2, 3}).permute({0, 2, 3, 1}).contiguous();  // [o][ky][kx][i]
-  at::Tensor gin = at::empty({need_input ? B : 0, ci, in_h, in_w}, gout.options());
   const int64_t nw = co * ci * K * K;
   // Each block's weight and bias gradient is summed apart and the blocks added in order: the
   // result does not depend on which thread took which block (runs stay bit-reproducible).
-  at::Tensor partial = at::empty({nblocks, nw + co}, gout.options());
-  const float* gp = gout.data_ptr<float>();
-  const vf* xsp = reinterpret_cast<const vf*>(xsave.data_ptr<float>());
-  const vf* ssp = reinterpret_cast<const vf*>(ssave.data_ptr<float>());
-  const float* wtp = wt.data_ptr<float>();
-  float *gip = gin.data_ptr<float>(), *pp = partial.data_ptr<float>();
+  std::unique_ptr<float[]> partial(new float[nblocks * (nw + co)]);  // every element is written
+  float* pp = partial.get();
+  const vf* xsp = reinterpret_cast<const vf*>(xsave);
+  const vf* ssp = reinterpret_cast<const vf*>(ssave);
   struct Scratch { Buf gpool, dz, gx, acc; };
-  for_each_block<Scratch>(nblocks, [&](int64_t blk, Scratch& sc) {
+  for_each_block<Scratch>(nblocks, threads, [&](int64_t blk, Scratch& sc) {
     if (sc.acc.empty())
       sc.gpool.resize(ps.size()), sc.dz.resize(ds.size()), sc.gx.resize(need_input ? is.size() : 0), sc.acc.resize(nw + co);
     vf *gpool = sc.gpool.data(), *dz = sc.dz.data(), *acc = sc.acc.data();
@@ -299,14 +329,16 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsav
       unpack(sc.gx.data(), is, pad, gip, B, blk * V, gs);
     }
   });
-  at::Tensor gw = at::empty({co, ci, K, K}, gout.options()), gb = at::empty({co}, gout.options());
-  float *gwp = gw.data_ptr<float>(), *gbp = gb.data_ptr<float>();
   for (int64_t j = 0; j < nw + co; ++j) {
     float sum = 0;
     for (int64_t blk = 0; blk < nblocks; ++blk) sum += pp[blk * (nw + co) + j];
-    (j < nw ? gwp[j] : gbp[j - nw]) = sum;
+    if (j < nw) {
+      const int64_t o = j / (ci * K * K), i = j / (K * K) % ci, ky = j / K % K, kx = j % K;
+      gwp[o * gw_st[0] + i * gw_st[1] + ky * gw_st[2] + kx * gw_st[3]] = sum;
+    } else {
+      gbp[j - nw] = sum;
+    }
   }
-  return {gin, gw, gb};
 }
 
 // RMSprop's update as PyTorch's (no momentum, not centred) computes it,
@@ -315,7 +347,7 @@ std::vector<at::Tensor> backward(const at::Tensor& gout_, const at::Tensor& xsav
 // addcdiv), each reading and writing the whole tensor: for keras-lenet's 1.25M parameters that
 // was a fifth of a training step at batch 32. The caller checks that every parameter and average
 // is float32, each gradient float32 or bfloat16, and that a parameter, its gradient and its
-// average share one dense layout.
+// average share one dense layout (lenet5.native checks it), and passes each tensor in turn.
 // Each line computes one or two of PyTorch's ops as ATen's vector kernels do (the FMA is theirs;
 // no product feeds a sum elsewhere, so the compiler adds none): the average comes out bit for bit,
 // the weight within one unit in the last place (up to 0.2% of them per step, measured).
@@ -342,8 +374,8 @@ inline uint16_t narrow(float f) {  // c10::BFloat16's round_to_nearest_even, in 
 
 template <typename G, bool kCopy>
 void rmsprop_tensor(float* const p_, const G* const g_, float* const s_, uint16_t* const c_, int64_t n, float a,
-                    float b, float e, float l, float wd) {
-  at::parallel_for(0, n, 1 << 15, [=](int64_t begin, int64_t end) {
+                    float b, float e, float l, float wd, int threads) {
+  parallel_for(0, n, 1 << 15, threads, [=](int64_t begin, int64_t end) {
     // restrict-qualified here, inside the body OpenMP outlines: pointers reached through the
     // closure carry no such promise, and the loop would not vectorise (3.5x slower, measured)
     float* __restrict p = p_;
@@ -361,45 +393,6 @@ void rmsprop_tensor(float* const p_, const G* const g_, float* const s_, uint16_
       if constexpr (kCopy) c[i] = narrow(pi);
     }
   });
-}
-
-void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList copies,
-                  double lr, double alpha, double eps, double weight_decay) {
-  TORCH_CHECK(params.size() == grads.size() && params.size() == square_avgs.size(), "rmsprop_step: list lengths differ");
-  TORCH_CHECK(copies.empty() || copies.size() == params.size(), "rmsprop_step: one bfloat16 copy per parameter, or none");
-  for (size_t t = 0; t < params.size(); ++t) {  // what the loop below reads and writes as plain arrays
-    const at::Tensor &p = params[t], &g = grads[t], &s = square_avgs[t];
-    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && s.device().is_cpu(), "rmsprop_step: CPU tensors only");
-    TORCH_CHECK(p.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat &&
-                    (g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16),
-                "rmsprop_step: float32 parameters and averages, float32 or bfloat16 gradients only");
-    TORCH_CHECK(p.sizes() == g.sizes() && p.sizes() == s.sizes() && p.strides() == g.strides() &&
-                    p.strides() == s.strides() && p.is_non_overlapping_and_dense(),
-                "rmsprop_step: a parameter, its gradient and its average must share one dense layout");
-    TORCH_CHECK(!p.is_alias_of(g) && !p.is_alias_of(s) && !g.is_alias_of(s), "rmsprop_step: tensors share memory");
-    if (!copies.empty()) {
-      const at::Tensor& c = copies[t];
-      TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kBFloat16 && c.sizes() == p.sizes() &&
-                      c.strides() == p.strides() && !c.is_alias_of(p) && !c.is_alias_of(g) && !c.is_alias_of(s),
-                  "rmsprop_step: each copy must be a bfloat16 tensor of its parameter's layout, of its own memory");
-    }
-  }
-  const float a = float(alpha), b = float(1 - alpha), e = float(eps), l = float(lr), wd = float(weight_decay);
-  for (size_t t = 0; t < params.size(); ++t) {
-    float* const p = params[t].data_ptr<float>();
-    float* const s = square_avgs[t].data_ptr<float>();
-    const int64_t n = params[t].numel();
-    uint16_t* const c = copies.empty() ? nullptr : reinterpret_cast<uint16_t*>(copies[t].data_ptr<at::BFloat16>());
-    if (grads[t].scalar_type() == at::kBFloat16) {
-      const uint16_t* g = reinterpret_cast<const uint16_t*>(grads[t].data_ptr<at::BFloat16>());
-      c ? rmsprop_tensor<uint16_t, true>(p, g, s, c, n, a, b, e, l, wd)
-        : rmsprop_tensor<uint16_t, false>(p, g, s, c, n, a, b, e, l, wd);
-    } else {
-      const float* g = grads[t].data_ptr<float>();
-      c ? rmsprop_tensor<float, true>(p, g, s, c, n, a, b, e, l, wd)
-        : rmsprop_tensor<float, false>(p, g, s, c, n, a, b, e, l, wd);
-    }
-  }
 }
 
 // y = relu(max_pool2d(x, 2, 2)) and its backward, for channels_last float32 or bfloat16 tensors
@@ -491,83 +484,89 @@ void relu_max_pool_grad_rows(const T* __restrict g, const T* __restrict which, T
   }
 }
 
-void check_pool_input(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "relu_max_pool: ", what, " must be a 4-d float32 or bfloat16 CPU tensor");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "relu_max_pool: ", what, " must be channels_last");
-}
-
-std::tuple<at::Tensor, at::Tensor> relu_max_pool_forward(const at::Tensor& x) {
-  check_pool_input(x, "the input");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H % 2 == 0 && W % 2 == 0 && H > 0 && W > 0, "relu_max_pool: height and width must be even");
-  at::Tensor y = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  // positions 0-4 in x's own dtype: as float values for float32, as the bits' integer for bfloat16
-  at::Tensor which = at::empty({N, C, H / 2, W / 2}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+// x (N, C, H, W) channels_last -> y and which (N, C, H/2, W/2) channels_last; positions 0-4 kept in
+// x's own type (as float values for float32, as the bits' integer for bfloat16).
+template <typename T>
+void pool_forward(const T* xp, int64_t N, int64_t C, int64_t H, int64_t W, T* yp, T* wp, int threads) {
   const int64_t rows = N * (H / 2), in_row = 2 * W * C, out_row = (W / 2) * C;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, in_row));
-  if (x.scalar_type() == at::kFloat) {
-    const float* xp = x.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    float* wp = which.data_ptr<float>();
-    at::parallel_for(0, rows, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) relu_max_pool_rows(xp + r * in_row, yp + r * out_row, wp + r * out_row, C, W);
-    });
-  } else {
-    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-    uint16_t* wp = reinterpret_cast<uint16_t*>(which.data_ptr<at::BFloat16>());
-    at::parallel_for(0, rows, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) relu_max_pool_rows(xp + r * in_row, yp + r * out_row, wp + r * out_row, C, W);
-    });
-  }
-  return {y, which};
+  parallel_for(0, rows, grain, threads, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) relu_max_pool_rows(xp + r * in_row, yp + r * out_row, wp + r * out_row, C, W);
+  });
 }
 
-at::Tensor relu_max_pool_backward(const at::Tensor& grad, const at::Tensor& which) {
-  check_pool_input(grad, "the gradient");
-  TORCH_CHECK(which.scalar_type() == grad.scalar_type() && which.sizes() == grad.sizes() &&
-                  which.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "relu_max_pool: the saved maxima do not match the gradient");
-  const int64_t N = grad.size(0), C = grad.size(1), OH = grad.size(2), OW = grad.size(3), W = 2 * OW;
-  at::Tensor gx = at::empty({N, C, 2 * OH, W}, grad.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t rows = N * OH, in_row = 2 * W * C, out_row = OW * C;
+template <typename T>
+void pool_backward(const T* gp, const T* wp, int64_t N, int64_t C, int64_t OH, int64_t OW, T* xp, int threads) {
+  const int64_t W = 2 * OW, rows = N * OH, in_row = 2 * W * C, out_row = OW * C;
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, in_row));
-  if (grad.scalar_type() == at::kFloat) {
-    const float* gp = grad.data_ptr<float>();
-    const float* wp = which.data_ptr<float>();
-    float* xp = gx.data_ptr<float>();
-    at::parallel_for(0, rows, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) relu_max_pool_grad_rows(gp + r * out_row, wp + r * out_row, xp + r * in_row, C, W);
-    });
-  } else {
-    const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.data_ptr<at::BFloat16>());
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(which.data_ptr<at::BFloat16>());
-    uint16_t* xp = reinterpret_cast<uint16_t*>(gx.data_ptr<at::BFloat16>());
-    at::parallel_for(0, rows, grain, [=](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) relu_max_pool_grad_rows(gp + r * out_row, wp + r * out_row, xp + r * in_row, C, W);
-    });
-  }
-  return gx;
-}
-
-// The number of chunks at::parallel_for splits a loop of torch's thread count into: the threads the
-// kernels above run on. 1 where the library was built without OpenMP (at::parallel_for is then a
-// plain loop, whatever torch.set_num_threads says); lenet5.native.build makes sure it is not.
-int64_t parallel_threads() {
-  std::atomic<int64_t> chunks{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { chunks.fetch_add(1); });
-  return chunks.load();
+  parallel_for(0, rows, grain, threads, [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) relu_max_pool_grad_rows(gp + r * out_row, wp + r * out_row, xp + r * in_row, C, W);
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY(lenet5_native, m) {
-  m.def("conv_tanh_pool_forward", &forward);
-  m.def("conv_tanh_pool_backward", &backward);
-  m.def("rmsprop_step", &rmsprop_step);
-  m.def("relu_max_pool_forward", &relu_max_pool_forward);
-  m.def("relu_max_pool_backward", &relu_max_pool_backward);
-  m.def("vector_width", [] { return int64_t(V); });
-  m.def("parallel_threads", &parallel_threads);
+// The C ABI lenet5.native calls; it checks shapes, types and layouts before every call.
+extern "C" {
+
+int lenet5_vector_width() { return V; }
+
+// The threads parallel_for runs a loop of `threads` chunks on: 1 where the library was built
+// without OpenMP, whatever torch's thread count (lenet5.native.build makes sure it is not).
+int64_t lenet5_parallel_threads(int threads) {
+  std::atomic<int64_t> chunks{0};
+  parallel_for(0, threads, 1, threads, [&](int64_t, int64_t) { chunks.fetch_add(1); });
+  return chunks.load();
 }
+
+// The weight (co, ci, 5, 5) in any layout, by its four strides.
+void lenet5_conv_tanh_pool_forward(const float* x, int64_t B, int64_t ci, int64_t h, int64_t w, const float* weight,
+                                   const int64_t* weight_strides, int64_t co, const float* bias, int64_t pad, float* out,
+                                   float* xsave, float* ssave, int threads) {
+  forward(x, B, ci, h, w, Weight{weight, co, ci, weight_strides}, bias, pad, out, xsave, ssave, threads);
+}
+
+// The weight gradient is written with the strides given (the weight's own, or any other).
+void lenet5_conv_tanh_pool_backward(const float* gout, int64_t B, int64_t ci, int64_t in_h, int64_t in_w, int64_t co,
+                                    int64_t pad, const float* xsave, const float* ssave, const float* weight,
+                                    const int64_t* weight_strides, float* gin, float* gw, const int64_t* gw_strides,
+                                    float* gb, int threads) {
+  backward(gout, B, in_h, in_w, pad, xsave, ssave, Weight{weight, co, ci, weight_strides}, gin, gw, gw_strides, gb,
+           threads);
+}
+
+// One tensor of RMSprop's step; `grad` is bfloat16 where grad_bf16, and `copy` (bfloat16, or null)
+// receives the new weights.
+void lenet5_rmsprop_tensor(float* param, const void* grad, int grad_bf16, float* avg, uint16_t* copy, int64_t n,
+                           float alpha, float one_minus_alpha, float eps, float lr, float weight_decay, int threads) {
+  if (grad_bf16) {
+    const uint16_t* g = static_cast<const uint16_t*>(grad);
+    copy ? rmsprop_tensor<uint16_t, true>(param, g, avg, copy, n, alpha, one_minus_alpha, eps, lr, weight_decay, threads)
+         : rmsprop_tensor<uint16_t, false>(param, g, avg, copy, n, alpha, one_minus_alpha, eps, lr, weight_decay, threads);
+  } else {
+    const float* g = static_cast<const float*>(grad);
+    copy ? rmsprop_tensor<float, true>(param, g, avg, copy, n, alpha, one_minus_alpha, eps, lr, weight_decay, threads)
+         : rmsprop_tensor<float, false>(param, g, avg, copy, n, alpha, one_minus_alpha, eps, lr, weight_decay, threads);
+  }
+}
+
+void lenet5_relu_max_pool_forward(const void* x, int bf16, int64_t N, int64_t C, int64_t H, int64_t W, void* y,
+                                  void* which, int threads) {
+  if (bf16)
+    pool_forward(static_cast<const uint16_t*>(x), N, C, H, W, static_cast<uint16_t*>(y), static_cast<uint16_t*>(which),
+                 threads);
+  else
+    pool_forward(static_cast<const float*>(x), N, C, H, W, static_cast<float*>(y), static_cast<float*>(which), threads);
+}
+
+void lenet5_relu_max_pool_backward(const void* grad, const void* which, int bf16, int64_t N, int64_t C, int64_t OH,
+                                   int64_t OW, void* gx, int threads) {
+  if (bf16)
+    pool_backward(static_cast<const uint16_t*>(grad), static_cast<const uint16_t*>(which), N, C, OH, OW,
+                  static_cast<uint16_t*>(gx), threads);
+  else
+    pool_backward(static_cast<const float*>(grad), static_cast<const float*>(which), N, C, OH, OW,
+                  static_cast<float*>(gx), threads);
+}
+
+}  // extern "C"

@@ -49,7 +49,7 @@ def _library() -> ctypes.CDLL | None:
 def load(march: str = "native") -> ctypes.CDLL:
     """The pass built for `march` (once, then cached) and loaded; BuildError or OSError if impossible.
     `run` uses the one for this CPU (or `configure`'s); another is for comparisons."""
-    lib = ctypes.CDLL(str(library(march, source=SOURCE, torch_ops=False)))
+    lib = ctypes.CDLL(str(library(march, source=SOURCE, parallel=False)))
     if lib.lenet5_sdlm_pass_abi() != ABI:
         raise BuildError(f"the compiled per-pattern pass has interface {lib.lenet5_sdlm_pass_abi()}, not {ABI}")
     lib.lenet5_sdlm_pass.restype = ctypes.c_int64
