@@ -168,6 +168,37 @@ def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
     assert out.stdout.strip() == "8"
 
 
+AVX2_POOLING = """
+import torch
+from torch.nn import functional as F
+from lenet5 import native
+assert native.kernels().vector_width == 8
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for shape in ((3, 20, 28, 28), (2, 50, 14, 14), (2, 7, 6, 10)):
+        x = (torch.randint(-3, 4, shape) * 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+        ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, theirs = native.relu_max_pool(ours_x), F.relu(F.max_pool2d(theirs_x, 2, 2))
+        grad = torch.randn(theirs.shape).to(dtype)
+        ours.backward(grad)
+        theirs.backward(grad)
+        assert torch.equal(ours, theirs) and torch.equal(ours_x.grad, theirs_x.grad), (dtype, shape)
+print("same")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or "avx2" not in open("/proc/cpuinfo").read(),
+                    reason="needs an x86 CPU with AVX2")
+def test_the_avx2_build_pools_as_pytorch_does(kernels):
+    """The pooling kernel's 8-float vectors (the code an AVX2-only CPU runs), bit for bit as PyTorch."""
+    from lenet5.hardware import EMULATE
+
+    out = subprocess.run([sys.executable, "-c", AVX2_POOLING], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **EMULATE["avx2"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "same"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the kernels share torch's OpenMP threads on Linux")
 def test_the_kernels_run_on_torchs_threads_with_one_openmp_runtime(kernels):
     """Built without -fopenmp, at::parallel_for is a plain loop: the kernels ran on one thread
