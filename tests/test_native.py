@@ -87,6 +87,48 @@ def test_gradients_do_not_depend_on_the_thread_count(kernels):
         assert torch.equal(one, three)  # bit for bit: blocks are summed in a fixed order
 
 
+def test_the_kernels_refuse_or_copy_what_they_were_not_written_for(kernels):
+    """Each wrapper checks what the C code would otherwise read as float32 vectors."""
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(6, 16, 5), torch.randn(5, 6, 14, 14)
+    k = native.kernels()
+    double_bias = copy.deepcopy(conv)
+    double_bias.bias.data = double_bias.bias.data.double()
+    assert not native.applies(x, double_bias)  # the PyTorch path, not float64 bits read as float32
+    with pytest.raises(RuntimeError, match="float32 CPU tensors"):
+        k.conv_tanh_pool_forward(x, double_bias.weight, double_bias.bias, 0, True)
+    # saved state that a saved-tensors hook hands back as a view off the 64-byte boundary: copied, same result
+    out, xsave, ssave = k.conv_tanh_pool_forward(x, conv.weight.detach(), conv.bias.detach(), 0, True)
+    grad = torch.randn_like(out)
+    expected = k.conv_tanh_pool_backward(grad, xsave, ssave, conv.weight.detach(), 14, 14, 0, True)
+    shifted = torch.empty(xsave.numel() + 1)[1:]
+    shifted.copy_(xsave)
+    assert shifted.data_ptr() % 64 != 0
+    for got, want in zip(k.conv_tanh_pool_backward(grad, shifted, ssave, conv.weight.detach(), 14, 14, 0, True),
+                         expected):
+        assert torch.equal(got, want)
+    # pooling outputs go where the input is, whatever the default device
+    p = pool_input((2, 4, 8, 8), torch.float32)
+    with torch.device("meta"):
+        y, which = k.relu_max_pool_forward(p)
+        assert y.is_cpu and which.is_cpu and k.relu_max_pool_backward(torch.ones_like(y), which).is_cpu
+    torch.testing.assert_close(y, F.relu(F.max_pool2d(p, 2, 2)), rtol=0, atol=0, equal_nan=True)
+
+
+def test_fused_rmsprop_steps_an_empty_parameter(kernels):
+    """Every empty tensor's storage starts at 0: that is not shared memory."""
+    from lenet5.train.optim import FusedRMSprop
+
+    params = [torch.zeros(0, requires_grad=True), torch.ones(3, requires_grad=True)]
+    optimizer = FusedRMSprop(params, lr=0.1)
+    for q in params:
+        q.grad = torch.ones_like(q)
+    assert native.rmsprop_applies(params, [q.grad for q in params],
+                                  [torch.zeros_like(q) for q in params])
+    optimizer.step()
+    assert params[0].numel() == 0 and bool((params[1] < 1).all())
+
+
 def test_training_step_matches_pytorch_path(kernels, mnist):
     torch.manual_seed(0)
     model = create_model("lenet5").to(memory_format=torch.channels_last)  # as training runs it

@@ -62,7 +62,18 @@ _SIGNATURES = {
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    """Whether the two are views of one storage (empty tensors, whose storages all start at 0, share none)."""
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
+
+
+def _vector_aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself where it is dense and starts on a 64-byte boundary (the kernels read it as whole
+    vectors), else a copy that does: torch's CPU allocator aligns every allocation to 64 bytes."""
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -89,6 +100,8 @@ class Kernels:
                                save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """avg_pool2d(tanh(conv2d(x, weight, bias, padding)), 2), and what the backward pass needs
         when `save` (empty tensors otherwise)."""
+        if not _cpu_float32(x, weight, bias) or x.dim() != 4:
+            raise RuntimeError("conv_tanh_pool: a 4-d input, its weight and bias must be float32 CPU tensors")
         x = x.contiguous()
         B, ci, h, w = x.shape
         co = weight.shape[0]
@@ -111,7 +124,11 @@ class Kernels:
                                 weight: torch.Tensor, h: int, w: int, padding: int,
                                 need_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input (empty unless `need_input`), weight and bias gradients from the output's."""
+        if not _cpu_float32(grad, xsave, ssave, weight) or grad.dim() != 4:
+            raise RuntimeError("conv_tanh_pool_backward: the gradient, the saved state and the weight must be "
+                               "float32 CPU tensors")
         grad = grad.contiguous()
+        xsave, ssave = _vector_aligned(xsave), _vector_aligned(ssave)  # e.g. views a saved-tensor hook returned
         B, co = grad.shape[:2]
         ci = weight.shape[1]
         hp, wp_ = h + 2 * padding, w + 2 * padding
@@ -173,7 +190,7 @@ class Kernels:
         N, C, H, W = x.shape
         if H % 2 or W % 2 or H == 0 or W == 0:
             raise RuntimeError("relu_max_pool: height and width must be even")
-        y = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, memory_format=torch.channels_last)
+        y = torch.empty(N, C, H // 2, W // 2, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         which = torch.empty_like(y)  # positions 0-4 in x's own dtype (the bits' integer for bfloat16)
         self._lib.lenet5_relu_max_pool_forward(x.data_ptr(), int(x.dtype == torch.bfloat16), N, C, H, W, y.data_ptr(),
                                                which.data_ptr(), torch.get_num_threads())
@@ -182,10 +199,11 @@ class Kernels:
     def relu_max_pool_backward(self, grad: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """The input's gradient from the output's and the forward pass's `which`."""
         self._check_pool_input(grad, "the gradient")
-        if which.dtype != grad.dtype or which.shape != grad.shape or not _channels_last(which):
+        if not which.is_cpu or which.dtype != grad.dtype or which.shape != grad.shape or not _channels_last(which):
             raise RuntimeError("relu_max_pool: the saved maxima do not match the gradient")
         N, C, OH, OW = grad.shape
-        gx = torch.empty(N, C, 2 * OH, 2 * OW, dtype=grad.dtype, memory_format=torch.channels_last)
+        gx = torch.empty(N, C, 2 * OH, 2 * OW, dtype=grad.dtype, device=grad.device,
+                         memory_format=torch.channels_last)
         self._lib.lenet5_relu_max_pool_backward(grad.data_ptr(), which.data_ptr(), int(grad.dtype == torch.bfloat16),
                                                 N, C, OH, OW, gx.data_ptr(), torch.get_num_threads())
         return gx
@@ -266,7 +284,7 @@ def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether the native kernel can compute pool(tanh(conv(x))) for this input and layer."""
     if getattr(_disabled, "on", False):
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or conv.weight.dtype != torch.float32:
+    if x.dim() != 4 or conv.bias is None or not _cpu_float32(x, conv.weight, conv.bias):
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
