@@ -102,6 +102,7 @@ def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, cap
                          "--train-samples", "1000", "--test-samples", "200", "--out-dir", str(tmp_path), "--name", "f")
     assert code == 0, err
     assert f"recipe fast for {hardware}{class_note(torch.device('cpu'))}: " in out
+    assert out.count("; replaced by your options: --batch-size 100") == 1  # what the recipe line's summary no longer says
     assert f"model {expected['model']} (" in out and f"| batch 100 | {expected['epochs']} epochs " in out
     precision = expected.get("precision", "auto")
     if precision == "auto":

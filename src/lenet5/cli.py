@@ -208,6 +208,17 @@ def _train_base(args: argparse.Namespace, given: dict, hardware: str | None) -> 
     return base
 
 
+def _replaced_by_typed(recipe: dict, given: dict) -> str:
+    """What the recipe line must add when typed options replace some of the recipe's (it describes the
+    recipe as chosen, e.g. a validation split that --val-split 0 then removes)."""
+    def option(name: str, value: Any) -> str:
+        flag = name.replace("_", "-")
+        return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+
+    replaced = [option(k, given[k]) for k in recipe if k in given and given[k] != recipe[k]]
+    return f"; replaced by your options: {', '.join(replaced)}" if replaced else ""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     check_run_name(getattr(args, "name", None))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -229,7 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             hardware = hardware_class(where, probe=bool(RECIPES[args.recipe].by_class))
             if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
                 note = class_note(where) if RECIPES[args.recipe].by_class else ""
-                print(f"recipe {args.recipe} for {hardware}{note}: {RECIPES[args.recipe].why_for(hardware)}")
+                print(f"recipe {args.recipe} for {hardware}{note}: {RECIPES[args.recipe].why_for(hardware)}"
+                      + _replaced_by_typed(RECIPES[args.recipe].options_for(hardware), given))
         config = TrainConfig.from_dict({**_train_base(args, given, hardware), **given})
         if args.calibrate and canonical_name(config.dataset) != "mnist":  # its held-out and stress sets are MNIST's
             raise ConfigError(f"--calibrate fits the digit service's 'unsure' rule on MNIST digits; it does not apply "
