@@ -15,6 +15,7 @@ cached), and bf16 is chosen only where it is clearly faster.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -198,8 +199,6 @@ class Bf16Probe:
 def _probe_cache_file() -> Path:
     """Where this machine's probe result is kept: one file per CPU, flag set, usable core count, torch
     version and emulation caps (each changes the answer)."""
-    import hashlib
-
     caps = [f"{k}={os.environ.get(k, '')}" for k in sorted({k for env in EMULATE.values() for k in env}
                                                            | {"DNNL_MAX_CPU_ISA"})]
     key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), str(usable_cores()), torch.__version__, *caps])
@@ -219,12 +218,6 @@ def _best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) 
     return best
 
 
-def _probe_tensors(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
-    w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last).requires_grad_()
-    return x, w
-
-
 def _time_conv_pass(bf16: bool, seconds: float) -> float:
     """Best time in ms of keras-lenet's second convolution (20 to 50 channels, 5x5, 14x14 maps,
     3/4 of that network's arithmetic) forward and backward at batch 32, channels_last, as training runs it."""
@@ -232,7 +225,9 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
 
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode(False):
-        x, w = _probe_tensors(generator)
+        x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
+        w = (torch.randn(50, 20, 5, 5, generator=generator) * 0.1).to(memory_format=torch.channels_last)
+        w.requires_grad_()
 
     def one() -> None:
         with torch.inference_mode(False), torch.enable_grad():  # also when asked from under no_grad

@@ -146,13 +146,21 @@ class Kernels:
         return gin, gw, gb
 
     def rmsprop_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], square_avgs: list[torch.Tensor],
-                     copies: list[torch.Tensor], lr: float, alpha: float, eps: float, weight_decay: float) -> None:
-        """PyTorch's RMSprop update of every tensor in place (see conv_tanh_pool.cpp)."""
+                     copies: list[torch.Tensor], lr: float, alpha: float, eps: float, weight_decay: float,
+                     applies_checked: bool = False) -> None:
+        """PyTorch's RMSprop update of every tensor in place (see conv_tanh_pool.cpp). With
+        `applies_checked`, the caller has just asked `rmsprop_applies` (devices, dtypes, layouts: the
+        optimizer's every step), and only what it does not check is checked here."""
         if not len(params) == len(grads) == len(square_avgs):
             raise RuntimeError("rmsprop_step: list lengths differ")
         if copies and len(copies) != len(params):
             raise RuntimeError("rmsprop_step: one bfloat16 copy per parameter, or none")
         for t, (p, g, s) in enumerate(zip(params, grads, square_avgs)):  # everything is checked before any write
+            if applies_checked:
+                if _shares_memory(p, g) or _shares_memory(p, s) or _shares_memory(g, s) \
+                        or copies and any(_shares_memory(copies[t], o) for o in (p, g, s)):
+                    raise RuntimeError("rmsprop_step: tensors share memory")
+                continue
             if not (p.is_cpu and g.is_cpu and s.is_cpu):
                 raise RuntimeError("rmsprop_step: CPU tensors only")
             if not (p.dtype == s.dtype == torch.float32 and g.dtype in (torch.float32, torch.bfloat16)):
@@ -373,4 +381,4 @@ def rmsprop_step(params: list[torch.Tensor], grads: list[torch.Tensor], square_a
     `copies`, each parameter's bfloat16 copy is rewritten from the new weights in the same pass
     (rounded as `.to(torch.bfloat16)` rounds) and the gradients are the copies' (bfloat16). The
     caller checks `rmsprop_applies` first."""
-    _ops().rmsprop_step(params, grads, square_avgs, copies or [], lr, alpha, eps, weight_decay)
+    _ops().rmsprop_step(params, grads, square_avgs, copies or [], lr, alpha, eps, weight_decay, applies_checked=True)

@@ -61,9 +61,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, int threads, const 
   f(begin, end);
 }
 
-using Buf = std::vector<vf>;
-
-inline int64_t need_input_size(const float* gip, int64_t n) { return gip ? n : 0; }  // std::vector<vf> is aligned for vf (C++17 aligned new)
+using Buf = std::vector<vf>;  // std::vector<vf> is aligned for vf (C++17 aligned new)
 
 struct Shape { int64_t c, h, w; int64_t size() const { return c * h * w; } };
 
@@ -281,7 +279,7 @@ void backward(const float* gp, int64_t B, int64_t in_h, int64_t in_w, int64_t pa
               const float* ssave, const Weight& weight, float* gip, float* gwp, const int64_t* gw_st, float* gbp,
               int threads) {
   const int64_t nblocks = (B + V - 1) / V, co = weight.co, ci = weight.ci;
-  std::vector<float> wflip(need_input_size(gip, co * K * K * ci));  // flipped, [o][ky][kx][i]
+  std::vector<float> wflip(gip ? co * K * K * ci : 0);  // flipped, [o][ky][kx][i]
   for (int64_t o = 0; gip && o < co; ++o)
     for (int ky = 0; ky < K; ++ky)
       for (int kx = 0; kx < K; ++kx)
