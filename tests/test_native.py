@@ -464,6 +464,7 @@ def test_models_with_max_pooling_train_the_same_with_the_native_kernel(kernels, 
     calls = []
     original = native.relu_max_pool
     monkeypatch.setattr(native, "relu_max_pool", lambda t: calls.append(t.dtype) or original(t))
+    monkeypatch.setattr(native, "winograd_applies", lambda x, conv: False)  # its own test: rounding differs
     runs = []
     for context in (contextlib.nullcontext(), native.disabled()):
         model.zero_grad()
@@ -476,3 +477,143 @@ def test_models_with_max_pooling_train_the_same_with_the_native_kernel(kernels, 
     assert torch.equal(out_a, out_b)
     for a, b in zip(grads_a, grads_b):
         assert torch.equal(a, b)
+
+
+WINOGRAD_CASES = [  # (batch, input channels, output channels, height, width, padding)
+    (32, 20, 50, 14, 14, 2),  # keras-lenet's second convolution
+    (5, 16, 32, 12, 12, 0),  # slim-lenet-valid's
+    (3, 9, 7, 11, 12, 2),  # odd sizes: partial tiles, partial vectors
+    (4, 20, 50, 13, 9, 1),
+    (70, 8, 3, 5, 6, 0),  # several images per block, a last block short of images
+]
+
+
+def _winograd_against_float64(n, c, k, h, w, pad):
+    torch.manual_seed(n * 1000 + c)
+    conv = torch.nn.Conv2d(c, k, 5, padding=pad).to(memory_format=torch.channels_last)
+    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
+    y = native.winograd_conv(x, conv)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
+    y64 = torch.nn.functional.conv2d(x64, w64, b64, padding=pad)
+    g = torch.randn_like(y64)
+    y64.backward(g)
+    y.backward(g.float())
+
+    def error(a, b):  # largest error against the largest value
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    return conv, x, y, {"output": error(y, y64), "input gradient": error(x.grad, x64.grad),
+                        "weight gradient": error(conv.weight.grad, w64.grad),
+                        "bias gradient": error(conv.bias.grad, b64.grad)}
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_convolution_agrees_with_float64(kernels, case):
+    """Winograd F(2x2, 5x5), forward and backward, against PyTorch's convolution in float64:
+    within 1e-5 of the largest value (oneDNN's own float32 error is about 1e-6), the weight's
+    gradient, a sum over every tile of the batch, within 1e-4."""
+    conv, x, y, errors = _winograd_against_float64(*case)
+    n, c, k, h, w, pad = case
+    assert y.shape == (n, k, h + 2 * pad - 4, w + 2 * pad - 4)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.grad.stride() == conv.weight.stride()  # the weight's own layout
+    limits = {"output": 1e-5, "input gradient": 1e-5, "weight gradient": 1e-4, "bias gradient": 1e-5}
+    assert all(errors[name] < limits[name] for name in limits), errors
+
+
+AVX2_WINOGRAD = f"""
+import torch, sys
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+from lenet5 import native
+from test_native import WINOGRAD_CASES, _winograd_against_float64
+assert native.kernels().vector_width == 8
+for case in WINOGRAD_CASES:
+    errors = _winograd_against_float64(*case)[3]
+    assert errors["output"] < 1e-5 and errors["input gradient"] < 1e-5 and errors["weight gradient"] < 1e-4, errors
+print("agrees")
+"""
+
+
+def test_the_avx2_build_computes_winograd_convolutions_right(kernels):
+    """The Winograd kernels' 8-float build (an AVX2-only CPU's: other register tiles, other partial
+    vectors), against float64."""
+    from lenet5.hardware import EMULATE
+
+    out = subprocess.run([sys.executable, "-c", AVX2_WINOGRAD], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **EMULATE["avx2"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "agrees"
+
+
+def test_winograd_without_the_input_gradient(kernels):
+    """A frozen input (the first layer's case) skips the input's gradient; the weight's is the same."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(20, 50, 5, padding=2).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 20, 14, 14).to(memory_format=torch.channels_last)
+    native.winograd_conv(x, conv).square().sum().backward()
+    frozen = conv.weight.grad.clone()
+    conv.zero_grad()
+    native.winograd_conv(x.clone().requires_grad_(), conv).square().sum().backward()
+    assert torch.equal(frozen, conv.weight.grad)
+
+
+def test_where_winograd_applies(kernels):
+    conv = torch.nn.Conv2d(20, 50, 5, padding=2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 20, 14, 14).to(memory_format=torch.channels_last)
+    assert native.winograd_applies(x, conv)
+    assert not native.winograd_applies(x.contiguous(), conv)  # NCHW: oneDNN
+    assert not native.winograd_applies(x.bfloat16(), conv)
+    assert not native.winograd_applies(x[:, :4], torch.nn.Conv2d(4, 50, 5, padding=2))  # too thin to gain
+    assert not native.winograd_applies(x, torch.nn.Conv2d(20, 50, 5, padding=2, stride=2))
+    assert not native.winograd_applies(x, torch.nn.Conv2d(20, 50, 3, padding=1))
+    assert not native.winograd_applies(x, torch.nn.Conv2d(20, 50, 5, padding=2, bias=False))
+    assert not native.winograd_applies(x[:, :, :2, :2], torch.nn.Conv2d(20, 50, 5))  # no output
+    with native.disabled():
+        assert not native.winograd_applies(x, conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.winograd_applies(x, conv)
+
+
+def test_the_winograd_kernels_refuse_what_they_were_not_written_for(kernels):
+    ops = native.kernels()
+    w = torch.randn(50, 20, 5, 5)
+    u, ut = ops.winograd_weight(w)
+    x = torch.randn(2, 20, 14, 14).to(memory_format=torch.channels_last)
+    b = torch.zeros(50)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ops.winograd_forward(x.contiguous(), u, ut, b, 2)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.winograd_forward(x[:, :10].contiguous(memory_format=torch.channels_last), u, ut, b, 2)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.winograd_forward(x, u, ut, b[:10], 2)
+    with pytest.raises(RuntimeError, match="no output"):
+        ops.winograd_forward(x[:, :, :1, :1].contiguous(memory_format=torch.channels_last), u, ut, b, 0)
+    with pytest.raises(RuntimeError, match="gradient"):
+        ops.winograd_backward(x, torch.zeros(2, 50, 14, 14), u, ut, w, 2, True)  # not channels_last
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.winograd_weight(torch.randn(50, 20, 3, 3))
+
+
+def test_keras_lenet_trains_the_same_with_winograd(kernels, mnist, monkeypatch):
+    """keras-lenet's training step with the Winograd convolution and with oneDNN's: the same
+    outputs and gradients but for rounding, and the Winograd path really taken (once, conv2)."""
+    torch.manual_seed(0)
+    model = create_model("keras-lenet").to(memory_format=torch.channels_last)
+    x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
+    calls = []
+    original = native.winograd_conv
+    monkeypatch.setattr(native, "winograd_conv", lambda t, conv: calls.append(conv) or original(t, conv))
+    runs = []
+    for use in (True, False):
+        model.zero_grad()
+        if not use:
+            monkeypatch.setattr(native, "winograd_applies", lambda t, conv: False)
+        outputs = model(x)
+        model.loss(outputs, y).backward()
+        runs.append((outputs.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert calls == [model.features[3]]
+    (out_a, grads_a), (out_b, grads_b) = runs
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())

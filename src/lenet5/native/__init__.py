@@ -58,6 +58,10 @@ _SIGNATURES = {
     "lenet5_rmsprop_tensor": (None, [_P, _P, _INT, _P, _P, _I64, _F, _F, _F, _F, _F, _INT]),
     "lenet5_relu_max_pool_forward": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _P, _INT]),
     "lenet5_relu_max_pool_backward": (None, [_P, _P, _INT, _I64, _I64, _I64, _I64, _P, _INT]),
+    "lenet5_winograd_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
+    "lenet5_winograd_backward": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
+    "lenet5_winograd_weight": (None, [_P, _STRIDES, _I64, _I64, _P, _I64, _P, _I64]),
+    "lenet5_winograd_weight_grad": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _STRIDES]),
 }
 
 
@@ -216,6 +220,71 @@ class Kernels:
                                                 N, C, OH, OW, gx.data_ptr(), torch.get_num_threads())
         return gx
 
+    def _padded(self, n: int) -> int:
+        return -(-n // self.vector_width) * self.vector_width
+
+    def winograd_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 5x5 weight (K, C, 5, 5), in any layout, as its Winograd transform U = G g G^T per channel
+        pair, twice: [36, C, Kp] for the forward pass and transposed, [36, K, Cp], for the input's
+        gradient (Cp and Kp rounded up to whole vectors, zeros past C and K)."""
+        if not _cpu_float32(weight) or weight.dim() != 4 or weight.shape[2:] != (5, 5):
+            raise RuntimeError("winograd: the weight must be a (K, C, 5, 5) float32 CPU tensor")
+        K, C = weight.shape[:2]
+        u = weight.new_zeros(36, C, self._padded(K))
+        ut = weight.new_zeros(36, K, self._padded(C))
+        self._lib.lenet5_winograd_weight(weight.data_ptr(), _STRIDES(*weight.stride()), K, C, u.data_ptr(),
+                                         u.shape[2], ut.data_ptr(), ut.shape[2])
+        return u, ut
+
+    def _check_winograd(self, x: torch.Tensor, u: torch.Tensor, ut: torch.Tensor,
+                        pad: int) -> tuple[int, int, int, int, int, int, int]:
+        if not _cpu_float32(x) or x.dim() != 4 or not _channels_last(x):
+            raise RuntimeError("winograd: the input must be a 4-d float32 CPU tensor, channels_last")
+        N, C, H, W = x.shape
+        K = ut.shape[1] if ut.dim() == 3 else -1
+        if not _cpu_float32(u, ut) or u.shape != (36, C, self._padded(K)) or ut.shape != (36, K, self._padded(C)) \
+                or not (u.is_contiguous() and ut.is_contiguous()):
+            raise RuntimeError(f"winograd: the weight's transforms {tuple(u.shape)}, {tuple(ut.shape)} do not match "
+                               f"the input's {C} channels")
+        oh, ow = H + 2 * pad - 4, W + 2 * pad - 4
+        if oh <= 0 or ow <= 0 or pad < 0:
+            raise RuntimeError(f"winograd: a 5x5 convolution with padding {pad} has no output on {H}x{W}")
+        return N, C, H, W, K, oh, ow
+
+    def winograd_forward(self, x: torch.Tensor, u: torch.Tensor, ut: torch.Tensor, bias: torch.Tensor,
+                         pad: int) -> torch.Tensor:
+        """conv2d(x, weight, bias, padding=pad), channels_last, for a 5x5 weight given as its
+        transforms (`winograd_weight`)."""
+        N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
+        if not _cpu_float32(bias) or bias.shape != (K,):
+            raise RuntimeError("winograd: the bias does not match the weight")
+        y = torch.empty(N, K, oh, ow, device=x.device, memory_format=torch.channels_last)
+        self._lib.lenet5_winograd_forward(x.data_ptr(), N, H, W, C, K, pad, u.data_ptr(), bias.contiguous().data_ptr(),
+                                          y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def winograd_backward(self, x: torch.Tensor, grad: torch.Tensor, u: torch.Tensor, ut: torch.Tensor,
+                          weight: torch.Tensor, pad: int,
+                          need_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The input's gradient (None unless `need_input`), the weight's (in its own layout) and the
+        bias's, from the output's gradient, for the forward pass's input x."""
+        N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
+        if not _cpu_float32(grad) or grad.shape != (N, K, oh, ow) or not _channels_last(grad):
+            raise RuntimeError("winograd_backward: the gradient must be a float32 channels_last CPU tensor of the "
+                               "output's shape")
+        if not _cpu_float32(weight) or weight.shape != (K, C, 5, 5):
+            raise RuntimeError("winograd_backward: the weight does not match its transforms")
+        cp, kp, threads = self._padded(C), self._padded(K), torch.get_num_threads()
+        du, db = u.new_zeros(threads, 36, cp, kp), u.new_zeros(threads, kp)
+        dx = torch.empty(N, C, H, W, device=x.device, memory_format=torch.channels_last) if need_input else None
+        self._lib.lenet5_winograd_backward(x.data_ptr(), grad.data_ptr(), N, H, W, C, K, pad, ut.data_ptr(),
+                                           dx.data_ptr() if need_input else None, du.data_ptr(), db.data_ptr(),
+                                           threads)
+        gw = torch.empty_like(weight)  # the weight's own layout, as DDP's gradient buckets expect
+        self._lib.lenet5_winograd_weight_grad(du.data_ptr(), threads, K, C, cp, kp, gw.data_ptr(),
+                                              _STRIDES(*gw.stride()))
+        return dx, gw, db.sum(0)[:K]
+
 
 def _ops() -> Kernels | None:
     """The kernels, compiling and loading them on first call; None if unavailable."""
@@ -348,6 +417,57 @@ def relu_max_pool(x: torch.Tensor) -> torch.Tensor:
     """relu(max_pool2d(x, 2, 2)) by the native kernel, forward and backward; the caller checks
     `relu_max_pool_applies` first."""
     return _ReluMaxPool.apply(x)
+
+
+# The smallest input channel count for which the Winograd path runs: its transforms cost about
+# as much per channel as its products save, so a thin input (keras-lenet's first convolution
+# has one channel) stays with oneDNN.
+WINOGRAD_MIN_CHANNELS = 8
+
+
+class _WinogradConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad: int):
+        x = x.contiguous(memory_format=torch.channels_last)
+        u, ut = _ops().winograd_weight(weight)
+        ctx.save_for_backward(x, u, ut, weight)
+        ctx.pad = pad
+        return _ops().winograd_forward(x, u, ut, bias, pad)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, u, ut, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx, dw, db = _ops().winograd_backward(x, grad, u, ut, weight, ctx.pad, ctx.needs_input_grad[0])
+        return dx, dw, db, None
+
+
+def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether `winograd_conv` can compute conv(x): a CPU float32 channels_last batch with at
+    least WINOGRAD_MIN_CHANNELS channels into a 5x5, stride 1, square zero-padded convolution with
+    a bias; no tracer, exporter, compiler, autocast or torch.func transform watching; the kernels
+    loaded."""
+    if getattr(_disabled, "on", False) or x.dim() != 4 or conv.bias is None \
+            or not _cpu_float32(x, conv.weight, conv.bias) or not _channels_last(x) \
+            or x.shape[1] < WINOGRAD_MIN_CHANNELS or x.shape[0] == 0:
+        return False
+    p = conv.padding
+    if conv.kernel_size != (5, 5) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
+            or conv.padding_mode != "zeros" or isinstance(p, str) or p[0] != p[1] \
+            or x.shape[2] + 2 * p[0] < 5 or x.shape[3] + 2 * p[0] < 5:
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+            or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return available()
+
+
+def winograd_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(x) by Winograd F(2x2, 5x5), forward and backward; channels_last out. The caller checks
+    `winograd_applies` first."""
+    return _WinogradConv.apply(x, conv.weight, conv.bias, conv.padding[0])
 
 
 def _dense(t: torch.Tensor) -> bool:
