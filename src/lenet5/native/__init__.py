@@ -60,8 +60,8 @@ _SIGNATURES = {
     "lenet5_relu_max_pool_backward": (None, [_P, _P, _INT, _I64, _I64, _I64, _I64, _P, _INT]),
     "lenet5_winograd_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
     "lenet5_winograd_backward": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
-    "lenet5_winograd_weight": (None, [_P, _STRIDES, _I64, _I64, _P, _I64, _P, _I64]),
-    "lenet5_winograd_weight_grad": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _STRIDES]),
+    "lenet5_winograd_weight": (None, [_P, _STRIDES, _I64, _I64, _P, _I64, _P, _I64, _INT]),
+    "lenet5_winograd_weight_grad": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _STRIDES, _INT]),
 }
 
 
@@ -233,7 +233,7 @@ class Kernels:
         u = weight.new_zeros(36, C, self._padded(K))
         ut = weight.new_zeros(36, K, self._padded(C))
         self._lib.lenet5_winograd_weight(weight.data_ptr(), _STRIDES(*weight.stride()), K, C, u.data_ptr(),
-                                         u.shape[2], ut.data_ptr(), ut.shape[2])
+                                         u.shape[2], ut.data_ptr(), ut.shape[2], torch.get_num_threads())
         return u, ut
 
     def _check_winograd(self, x: torch.Tensor, u: torch.Tensor, ut: torch.Tensor,
@@ -282,7 +282,7 @@ class Kernels:
                                            threads)
         gw = torch.empty_like(weight)  # the weight's own layout, as DDP's gradient buckets expect
         self._lib.lenet5_winograd_weight_grad(du.data_ptr(), threads, K, C, cp, kp, gw.data_ptr(),
-                                              _STRIDES(*gw.stride()))
+                                              _STRIDES(*gw.stride()), threads)
         return dx, gw, db.sum(0)[:K]
 
 
