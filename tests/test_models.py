@@ -84,12 +84,16 @@ def test_activations_name_every_layer_and_end_in_the_output(name):
 
 @pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet", "slim-lenet-valid", "robust-lenet"])
 def test_pooling_before_relu_is_the_same_function(name, mnist):
-    """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order."""
+    """Their forward pools before the ReLU (faster); values and gradients equal the Sequential order.
+    (PyTorch's ops both ways: the native kernels, which round differently, have tests of their own.)"""
+    from lenet5 import native
+
     torch.manual_seed(0)
     model = create_model(name)
     x = (mnist.train.images[:64].float() / 255).unsqueeze(1)
     y = mnist.train.labels[:64]
-    fast = model.loss(model(x), y)
+    with native.disabled():
+        fast = model.loss(model(x), y)
     fast.backward()
     fast_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -464,7 +464,8 @@ def test_models_with_max_pooling_train_the_same_with_the_native_kernel(kernels, 
     calls = []
     original = native.relu_max_pool
     monkeypatch.setattr(native, "relu_max_pool", lambda t: calls.append(t.dtype) or original(t))
-    monkeypatch.setattr(native, "winograd_applies", lambda x, conv: False)  # its own test: rounding differs
+    monkeypatch.setattr(native, "winograd_applies", lambda x, conv: False)  # their own tests: rounding differs
+    monkeypatch.setattr(native, "single_conv_pool_applies", lambda x, conv: False)
     runs = []
     for context in (contextlib.nullcontext(), native.disabled()):
         model.zero_grad()
@@ -613,6 +614,123 @@ def test_keras_lenet_trains_the_same_with_winograd(kernels, mnist, monkeypatch):
         model.loss(outputs, y).backward()
         runs.append((outputs.detach(), [p.grad.clone() for p in model.parameters()]))
     assert calls == [model.features[3]]
+    (out_a, grads_a), (out_b, grads_b) = runs
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+SINGLE_CASES = [  # (batch, output channels, height, width, padding)
+    (32, 20, 28, 28, 2),  # keras-lenet's first convolution
+    (32, 16, 28, 28, 0),  # slim-lenet-valid's
+    (5, 7, 10, 12, 2),  # one partial vector of channels, rows shorter than a register tile
+    (3, 31, 6, 8, 2),  # four vectors with AVX2
+]
+
+
+def _single_against_float64(n, k, h, w, pad):
+    torch.manual_seed(n * 100 + k)
+    conv = torch.nn.Conv2d(1, k, 5, padding=pad).to(memory_format=torch.channels_last)
+    x = torch.rand(n, 1, h, w)
+    x[:, :, : h // 3] = 0  # blank rows, as MNIST's borders: windows of equal maxima (the bias)
+    y = native.single_conv_pool(x, conv)
+    w64, b64 = (t.detach().double().requires_grad_() for t in (conv.weight, conv.bias))
+    y64 = torch.nn.functional.relu(torch.nn.functional.max_pool2d(
+        torch.nn.functional.conv2d(x.double(), w64, b64, padding=pad), 2))
+    g = torch.randn_like(y64)
+    y64.backward(g)
+    y.backward(g.float())
+
+    def error(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    return conv, y, {"output": error(y, y64), "weight gradient": error(conv.weight.grad, w64.grad),
+                     "bias gradient": error(conv.bias.grad, b64.grad)}
+
+
+@pytest.mark.parametrize("case", SINGLE_CASES)
+def test_the_one_channel_convolution_with_pooling_agrees_with_float64(kernels, case):
+    """relu(max_pool(conv(x))) of one input channel, its weight's and bias's gradients, against
+    PyTorch in float64, on images with blank rows (ties in the pooling windows go to the first
+    maximum, as PyTorch's)."""
+    conv, y, errors = _single_against_float64(*case)
+    n, k, h, w, pad = case
+    assert y.shape == (n, k, (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    assert all(e < 1e-5 for e in errors.values()), errors
+
+
+AVX2_SINGLE = f"""
+import torch, sys
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+from lenet5 import native
+from test_native import SINGLE_CASES, _single_against_float64
+assert native.kernels().vector_width == 8
+for case in SINGLE_CASES:
+    errors = _single_against_float64(*case)[2]
+    assert all(e < 1e-5 for e in errors.values()), (case, errors)
+print("agrees")
+"""
+
+
+def test_the_avx2_build_computes_the_one_channel_convolution_right(kernels):
+    from lenet5.hardware import EMULATE
+
+    out = subprocess.run([sys.executable, "-c", AVX2_SINGLE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **EMULATE["avx2"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "agrees"
+
+
+def test_where_the_one_channel_kernel_applies(kernels):
+    conv = torch.nn.Conv2d(1, 20, 5, padding=2)
+    x = torch.rand(2, 1, 28, 28)
+    assert native.single_conv_pool_applies(x, conv)
+    assert not native.single_conv_pool_applies(x.requires_grad_(), conv)  # an input's gradient: PyTorch's
+    x = x.detach()
+    assert not native.single_conv_pool_applies(x[:, :, :, ::2], conv)  # strided
+    assert not native.single_conv_pool_applies(x[:, :, :27, :27], conv)  # odd output: no 2x2 pooling
+    assert not native.single_conv_pool_applies(torch.rand(2, 3, 28, 28), torch.nn.Conv2d(3, 20, 5, padding=2))
+    assert not native.single_conv_pool_applies(x, torch.nn.Conv2d(1, 200, 5, padding=2))  # too many channels
+    assert not native.single_conv_pool_applies(x.double(), conv.double())
+    with native.disabled():
+        assert not native.single_conv_pool_applies(x, conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.single_conv_pool_applies(x, conv)
+
+
+def test_the_one_channel_kernel_refuses_what_it_was_not_written_for(kernels):
+    ops = native.kernels()
+    w, b = torch.randn(20, 1, 5, 5), torch.zeros(20)
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(RuntimeError, match="dense"):
+        ops.single_conv_pool_forward(x[:, :, :, ::2], w, b, 2)
+    with pytest.raises(RuntimeError, match="even-sized"):
+        ops.single_conv_pool_forward(x[:, :, :27].contiguous(), w, b, 2)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.single_conv_pool_forward(x, w, b[:3], 2)
+    y, which = ops.single_conv_pool_forward(x, w, b, 2)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        ops.single_conv_pool_backward(x, y.contiguous(), which, w, 2)
+
+
+@pytest.mark.parametrize("name", ["keras-lenet", "slim-lenet-valid"])
+def test_models_train_the_same_with_every_native_kernel(kernels, mnist, name):
+    """A training step on real digits with every native kernel (one-channel convolution and pooling,
+    Winograd, ReLU and pooling) and with PyTorch's ops alone: the same outputs and gradients but
+    for rounding."""
+    torch.manual_seed(0)
+    model = create_model(name).to(memory_format=torch.channels_last)
+    x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
+    assert native.single_conv_pool_applies(x, model.features[0])
+    runs = []
+    for context in (contextlib.nullcontext(), native.disabled()):
+        model.zero_grad()
+        with context:
+            outputs = model(x)
+        model.loss(outputs, y).backward()
+        runs.append((outputs.detach(), [p.grad.clone() for p in model.parameters()]))
     (out_a, grads_a), (out_b, grads_b) = runs
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_a, grads_b):

@@ -60,6 +60,8 @@ _SIGNATURES = {
     "lenet5_relu_max_pool_backward": (None, [_P, _P, _INT, _I64, _I64, _I64, _I64, _P, _INT]),
     "lenet5_winograd_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
     "lenet5_winograd_backward": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
+    "lenet5_single_conv_pool_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
+    "lenet5_single_conv_pool_backward": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _INT]),
     "lenet5_winograd_weight": (None, [_P, _STRIDES, _I64, _I64, _P, _I64, _P, _I64, _INT]),
     "lenet5_winograd_weight_grad": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _STRIDES, _INT]),
 }
@@ -285,6 +287,55 @@ class Kernels:
                                               _STRIDES(*gw.stride()), threads)
         return dx, gw, db.sum(0)[:K]
 
+    def _check_single(self, x: torch.Tensor, weight: torch.Tensor, pad: int) -> tuple[int, int, int, int, int, int]:
+        if not _cpu_float32(x, weight) or x.dim() != 4 or x.shape[1] != 1 or not x.is_contiguous():
+            raise RuntimeError("single_conv_pool: the input must be a dense (N, 1, H, W) float32 CPU tensor")
+        N, _, H, W = x.shape
+        K = weight.shape[0]
+        if weight.shape != (K, 1, 5, 5) or not 0 < K <= 4 * self.vector_width:
+            raise RuntimeError(f"single_conv_pool: unsupported weight {tuple(weight.shape)}")
+        oh, ow = H + 2 * pad - 4, W + 2 * pad - 4
+        if oh <= 0 or ow <= 0 or pad < 0 or oh % 2 or ow % 2:
+            raise RuntimeError(f"single_conv_pool: a 5x5 convolution with padding {pad} on {H}x{W} has no even-sized "
+                               "output to pool")
+        return N, H, W, K, oh, ow
+
+    def single_conv_pool_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """relu(max_pool2d(conv2d(x, weight, bias, padding=pad), 2)), channels_last, for one input
+        channel and a 5x5 weight of at most 4 vectors of output channels; and, per output, which
+        input of its window it came from (as relu_max_pool_forward's)."""
+        N, H, W, K, oh, ow = self._check_single(x, weight, pad)
+        if not _cpu_float32(bias) or bias.shape != (K,):
+            raise RuntimeError("single_conv_pool: the bias does not match the weight")
+        kp = self._padded(K)
+        w = weight.new_zeros(25, kp)
+        w[:, :K] = weight.detach().reshape(K, 25).t()
+        b = bias.new_zeros(kp)
+        b[:K] = bias.detach()
+        y = torch.empty(N, K, oh // 2, ow // 2, device=x.device, memory_format=torch.channels_last)
+        which = torch.empty_like(y)
+        self._lib.lenet5_single_conv_pool_forward(x.data_ptr(), N, H, W, K, pad, w.data_ptr(), b.data_ptr(),
+                                                  y.data_ptr(), which.data_ptr(), torch.get_num_threads())
+        return y, which
+
+    def single_conv_pool_backward(self, x: torch.Tensor, grad: torch.Tensor, which: torch.Tensor,
+                                  weight: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's gradient (in its own layout) and the bias's from the pooled output's."""
+        N, H, W, K, oh, ow = self._check_single(x, weight, pad)
+        if not _cpu_float32(grad, which) or grad.shape != (N, K, oh // 2, ow // 2) or which.shape != grad.shape \
+                or not (_channels_last(grad) and _channels_last(which)):
+            raise RuntimeError("single_conv_pool_backward: the gradient and the saved maxima must be the output's, "
+                               "channels_last")
+        kp, threads = self._padded(K), torch.get_num_threads()
+        parts = grad.new_zeros(threads, 26, kp)
+        self._lib.lenet5_single_conv_pool_backward(x.data_ptr(), grad.data_ptr(), which.data_ptr(), N, H, W, K, pad,
+                                                   parts.data_ptr(), threads)
+        total = parts.sum(0)
+        gw = torch.empty_like(weight)  # the weight's own layout
+        gw.copy_(total[:25, :K].t().reshape(K, 1, 5, 5))
+        return gw, total[25, :K].clone()
+
 
 def _ops() -> Kernels | None:
     """The kernels, compiling and loading them on first call; None if unavailable."""
@@ -462,6 +513,64 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return available()
+
+
+class _SingleConvPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad: int):
+        y, which = _ops().single_conv_pool_forward(x, weight, bias, pad)
+        ctx.save_for_backward(x, which, weight)
+        ctx.pad = pad
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, which, weight = ctx.saved_tensors
+        gw, gb = _ops().single_conv_pool_backward(x, grad.contiguous(memory_format=torch.channels_last), which,
+                                                  weight, ctx.pad)
+        return None, gw, gb, None
+
+
+def _watched() -> bool:
+    """Whether a tracer, exporter, compiler, autocast or torch.func transform watches: standard ops only."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+        or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+        or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _plain_5x5(conv: nn.Conv2d) -> bool:
+    p = conv.padding
+    return conv.bias is not None and conv.kernel_size == (5, 5) and conv.stride == (1, 1) \
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" \
+        and not isinstance(p, str) and p[0] == p[1]
+
+
+def single_conv_pool_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the one-channel kernel can compute relu(max_pool2d(conv(x), 2)): a dense CPU float32
+    batch of one channel that needs no gradient (the data, as for a first layer), a plain 5x5
+    convolution with a bias, at most 4 vectors of output channels and an even-sized output;
+    nothing watching; the kernels loaded."""
+    if getattr(_disabled, "on", False) or x.dim() != 4 or x.shape[1] != 1 or x.shape[0] == 0 \
+            or x.requires_grad or not x.is_contiguous() or not _plain_5x5(conv) \
+            or not _cpu_float32(x, conv.weight, conv.bias):
+        return False
+    p = conv.padding[0]
+    oh, ow = x.shape[2] + 2 * p - 4, x.shape[3] + 2 * p - 4
+    if oh <= 0 or ow <= 0 or oh % 2 or ow % 2 or _watched() or not available():
+        return False
+    return conv.out_channels <= 4 * _ops().vector_width
+
+
+def single_conv_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """relu(max_pool2d(conv(x), 2)) by the one-channel kernel; the caller checks
+    `single_conv_pool_applies` first."""
+    return _SingleConvPool.apply(x, conv.weight, conv.bias, conv.padding[0])
+
+
+def conv5x5(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(x), by Winograd where it applies (8 or more input channels), else by PyTorch."""
+    return winograd_conv(x, conv) if winograd_applies(x, conv) else conv(x)
 
 
 def winograd_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

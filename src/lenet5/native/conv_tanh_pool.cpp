@@ -522,31 +522,6 @@ void pool_backward(const T* gp, const T* wp, int64_t N, int64_t C, int64_t OH, i
 }
 
 
-// Winograd F(2x2, 5x5) convolution, forward and backward, for channels_last float32 tensors:
-// keras-lenet's second convolution (20 -> 50 channels, 5x5, "same" on 14x14), which oneDNN runs
-// at 71-73% of the fp32 peak, so that no direct kernel could be much faster. Winograd computes
-// each 2x2 output tile from a 6x6 input tile with 36 products per channel pair instead of 100:
-//   Y = A^T [ (G g G^T) (.) (B^T d B) ] A,
-// with the interpolation points 0, 1, -1, 2, -2 and infinity (B^T's entries are small integers;
-// the 1/6 and 1/24 of G are the weight's, whose transform U Python computes in float64).
-// The 36 products of every tile are 36 matrix products over channels. All of it runs per block
-// of whole images, the block's transforms and products in buffers that stay in the core's cache:
-//   forward:  x -> V [36][tiles][Cp] -> M = V U [36][tiles][Kp] -> y (+ bias)
-//   backward: V again, dy -> dM (A dy A^T);  dU += V^T dM;  dV = dM U^T -> dx (B dV B^T, the
-//             image's overlapping tiles added up).
-// Cp and Kp are the channel counts rounded up to whole vectors (zero lanes). The products are a
-// register-tiled kernel broadcasting one operand; the matrices' zeros and ones are folded away at
-// compile time. (Transforming the whole batch to memory and multiplying with torch.bmm was slower
-// than oneDNN: the transforms, writing 36 planes of 5-11 MB, ran at memory speed.)
-namespace wino {
-
-constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                            {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-constexpr float B[6][6] = {{4, 0, 0, 0, 0, 0}, {0, -4, 4, -2, 2, 4}, {-5, -4, -4, -1, -1, 0},
-                           {0, 1, -1, 2, -2, -5}, {1, 1, 1, 1, 1, 0}, {0, 0, 0, 0, 0, 1}};  // BT transposed
-constexpr float AT[2][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 1}};
-constexpr float A[6][2] = {{1, 0}, {1, 1}, {1, -1}, {1, 2}, {1, -2}, {0, 1}};  // AT transposed
-
 // The first n lanes of a vector (0 < n <= V), loaded (zeros after them) and stored by masked
 // instructions where the ISA has them: a vector's worth of channels is often a partial one
 // (20 input and 50 output channels), and element-wise copies would be the transforms' bottleneck.
@@ -583,6 +558,31 @@ struct Lanes_n {
   }
   static void store_lanes(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 };
+
+// Winograd F(2x2, 5x5) convolution, forward and backward, for channels_last float32 tensors:
+// keras-lenet's second convolution (20 -> 50 channels, 5x5, "same" on 14x14), which oneDNN runs
+// at 71-73% of the fp32 peak, so that no direct kernel could be much faster. Winograd computes
+// each 2x2 output tile from a 6x6 input tile with 36 products per channel pair instead of 100:
+//   Y = A^T [ (G g G^T) (.) (B^T d B) ] A,
+// with the interpolation points 0, 1, -1, 2, -2 and infinity (B^T's entries are small integers;
+// the 1/6 and 1/24 of G are the weight's, whose transform U Python computes in float64).
+// The 36 products of every tile are 36 matrix products over channels. All of it runs per block
+// of whole images, the block's transforms and products in buffers that stay in the core's cache:
+//   forward:  x -> V [36][tiles][Cp] -> M = V U [36][tiles][Kp] -> y (+ bias)
+//   backward: V again, dy -> dM (A dy A^T);  dU += V^T dM;  dV = dM U^T -> dx (B dV B^T, the
+//             image's overlapping tiles added up).
+// Cp and Kp are the channel counts rounded up to whole vectors (zero lanes). The products are a
+// register-tiled kernel broadcasting one operand; the matrices' zeros and ones are folded away at
+// compile time. (Transforming the whole batch to memory and multiplying with torch.bmm was slower
+// than oneDNN: the transforms, writing 36 planes of 5-11 MB, ran at memory speed.)
+namespace wino {
+
+constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0}, {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                            {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+constexpr float B[6][6] = {{4, 0, 0, 0, 0, 0}, {0, -4, 4, -2, 2, 4}, {-5, -4, -4, -1, -1, 0},
+                           {0, 1, -1, 2, -2, -5}, {1, 1, 1, 1, 1, 0}, {0, 0, 0, 0, 0, 1}};  // BT transposed
+constexpr float AT[2][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 1}};
+constexpr float A[6][2] = {{1, 0}, {1, 1}, {1, -1}, {1, 2}, {1, -2}, {0, 1}};  // AT transposed
 
 // out[i * os] = sum_a M[i][a] in[a * is], for a constant matrix M: inlined and unrolled, so each
 // coefficient is a constant and its zeros and +-1 cost nothing.
@@ -933,6 +933,151 @@ void weight_grad(const float* du, int parts, int64_t K, int64_t C, int64_t Cp, i
 
 }  // namespace wino
 
+
+// max_pool2d(relu(conv2d(x, w, b))) for a 5x5 convolution of one input channel (keras-lenet's
+// first: 1 -> 20 channels on 28x28, "same"), forward and the weight's and bias's gradients, all
+// channels_last. oneDNN ran the convolution at about a third of the fp32 peak, and its 2 MB output
+// (at batch 32) went to memory and back twice, forward and backward, around the pooling kernel.
+// Here each image is one thread's: its convolution is computed two rows at a time into a buffer
+// that the pooling kernel above (relu_max_pool_rows) reads while it is in L1, and its backward
+// unpools the gradient into an image-sized buffer (in L2) that the weight's gradient reads.
+// The convolution: each output pixel's channels are whole vectors (the last one partial), a row of
+// PX pixels' accumulators in registers, every tap one broadcast of the input pixel times KV weight
+// vectors, read from a zero-padded copy of the image (no border tests).
+namespace single {
+
+#if defined(__AVX512F__)
+constexpr int ACCS = 24;
+#else
+constexpr int ACCS = 12;
+#endif
+
+struct Geometry {
+  int64_t N, H, W, K, pad, OH, OW;  // OH, OW: the convolution's, even
+  int64_t PH() const { return OH + 4; }
+  int64_t PW() const { return OW + 4 + 8; }  // room for a last group of pixels past the edge
+};
+
+// image n of x (N, H, W) into pbuf (PH, PW) with `pad` zeros around it.
+void pad_image(const float* x, const Geometry& g, int64_t n, float* pbuf) {
+  std::fill(pbuf, pbuf + g.PH() * g.PW(), 0.0f);
+  for (int64_t y = 0; y < g.H; ++y) {
+    const int64_t py = y + g.pad;
+    if (py < 0 || py >= g.PH()) continue;
+    for (int64_t xx = 0; xx < g.W; ++xx) {
+      const int64_t px = xx + g.pad;
+      if (px >= 0 && px < g.OW + 4) pbuf[py * g.PW() + px] = x[(n * g.H + y) * g.W + xx];
+    }
+  }
+}
+
+// Output row oy of the convolution into out [OW][K]; w: [25][KV vectors] (zero lanes past K),
+// bias: [KV vectors].
+template <int KV>
+void conv_row(const float* pbuf, const Geometry& g, int64_t oy, const vf* w, const vf* bias, const Lanes_n& last,
+              float* out) {
+  constexpr int PX = std::max(1, std::min(8, ACCS / KV));
+  for (int64_t ox = 0; ox < g.OW; ox += PX) {
+    vf acc[PX][KV];
+#pragma GCC unroll 8
+    for (int p = 0; p < PX; ++p)
+#pragma GCC unroll 4
+      for (int v = 0; v < KV; ++v) acc[p][v] = bias[v];
+    for (int a = 0; a < 5; ++a) {
+      const float* row = pbuf + (oy + a) * g.PW() + ox;
+#pragma GCC unroll 5
+      for (int b = 0; b < 5; ++b) {
+        vf wv[KV];
+#pragma GCC unroll 4
+        for (int v = 0; v < KV; ++v) wv[v] = w[(a * 5 + b) * KV + v];
+#pragma GCC unroll 8
+        for (int p = 0; p < PX; ++p) {
+          const float xv = row[p + b];
+#pragma GCC unroll 4
+          for (int v = 0; v < KV; ++v) acc[p][v] += xv * wv[v];
+        }
+      }
+    }
+    for (int p = 0; p < PX && ox + p < g.OW; ++p) {
+      float* o = out + (ox + p) * g.K;
+#pragma GCC unroll 4
+      for (int v = 0; v < KV - 1; ++v) Lanes_n::store_lanes(o + v * V, acc[p][v]);
+      last.store(o + (KV - 1) * V, acc[p][KV - 1]);
+    }
+  }
+}
+
+// y, which: (N, OH/2, OW/2, K), as relu_max_pool's.
+template <int KV>
+void forward(const float* x, const Geometry& g, const vf* w, const vf* bias, float* y, float* which, int threads) {
+  const Lanes_n last(g.K - (KV - 1) * V);
+  const int64_t pooled_row = (g.OW / 2) * g.K;
+  parallel_for(0, g.N, 1, threads, [&](int64_t n0, int64_t n1) {
+    std::vector<float> pbuf(g.PH() * g.PW()), rows(2 * g.OW * g.K + V);
+    for (int64_t n = n0; n < n1; ++n) {
+      pad_image(x, g, n, pbuf.data());
+      for (int64_t r = 0; r < g.OH / 2; ++r) {
+        conv_row<KV>(pbuf.data(), g, 2 * r, w, bias, last, rows.data());
+        conv_row<KV>(pbuf.data(), g, 2 * r + 1, w, bias, last, rows.data() + g.OW * g.K);
+        const int64_t at = (n * (g.OH / 2) + r) * pooled_row;
+        relu_max_pool_rows<float>(rows.data(), y + at, which + at, g.K, g.OW);
+      }
+    }
+  });
+}
+
+// The weight's and bias's gradients from the pooled output's gradient: each image's convolution
+// gradient unpooled into dy [OH][OW][K], then 26 taps (the bias's input is 1 everywhere) in groups
+// of TP whose accumulators stay in registers over all of the image's pixels. gw: [threads][26][KV
+// vectors], zeroed by the caller, each thread adding into its own.
+template <int KV>
+void backward(const float* x, const float* grad, const float* which, const Geometry& g, vf* gw, int threads) {
+  constexpr int TP = std::max(1, ACCS / KV);
+  const Lanes_n last(g.K - (KV - 1) * V);
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(threads, g.N)), pooled_row = (g.OW / 2) * g.K;
+  parallel_for(0, nb, 1, int(nb), [&](int64_t p0, int64_t p1) {
+    std::vector<float> pbuf(g.PH() * g.PW()), ones(g.PH() * g.PW(), 1.0f), dy(g.OH * g.OW * g.K + V);
+    for (int64_t part = p0; part < p1; ++part) {
+      vf* acc_out = gw + part * 26 * KV;
+      for (int64_t n = part * g.N / nb; n < (part + 1) * g.N / nb; ++n) {
+        pad_image(x, g, n, pbuf.data());
+        for (int64_t r = 0; r < g.OH / 2; ++r) {
+          const int64_t at = (n * (g.OH / 2) + r) * pooled_row;
+          relu_max_pool_grad_rows<float>(grad + at, which + at, dy.data() + 2 * r * g.OW * g.K, g.K, g.OW);
+        }
+        for (int t0 = 0; t0 < 26; t0 += TP) {
+          const float* base[TP];
+          for (int t = 0; t < TP; ++t)
+            base[t] = t0 + t < 25 ? pbuf.data() + ((t0 + t) / 5) * g.PW() + (t0 + t) % 5 : ones.data();
+          vf acc[TP][KV];
+#pragma GCC unroll 24
+          for (int t = 0; t < TP; ++t)
+#pragma GCC unroll 4
+            for (int v = 0; v < KV; ++v) acc[t][v] = vf{};
+          for (int64_t oy = 0; oy < g.OH; ++oy)
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+              const float* d = dy.data() + (oy * g.OW + ox) * g.K;
+              vf dv[KV];
+#pragma GCC unroll 4
+              for (int v = 0; v < KV - 1; ++v) dv[v] = Lanes_n::load_lanes(d + v * V);
+              dv[KV - 1] = last.load(d + (KV - 1) * V);
+              const int64_t px = oy * g.PW() + ox;
+#pragma GCC unroll 24
+              for (int t = 0; t < TP; ++t) {
+                const float xv = base[t][px];
+#pragma GCC unroll 4
+                for (int v = 0; v < KV; ++v) acc[t][v] += xv * dv[v];
+              }
+            }
+          for (int t = 0; t < TP && t0 + t < 26; ++t)
+            for (int v = 0; v < KV; ++v) acc_out[(t0 + t) * KV + v] += acc[t][v];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace single
 }  // namespace
 
 // The C ABI lenet5.native calls; it checks shapes, types and layouts before every call.
@@ -1026,5 +1171,29 @@ void lenet5_winograd_weight_grad(const float* du, int parts, int64_t K, int64_t 
   wino::weight_grad(du, parts, K, C, Cp, Kp, gw, strides, threads);
 }
 #undef LENET5_WINO_GEOMETRY
+
+// max_pool2d(relu(conv2d)) of one input channel by a 5x5 weight (see namespace single); x (N, 1, H,
+// W) dense; y, which and grad (N, K, OH/2, OW/2) channels_last; w [25][Kp], bias [Kp], gw
+// [threads][26][Kp] (zeroed: 25 taps and the bias), Kp = K rounded up to whole vectors, at most 4.
+#define LENET5_SINGLE(fn, ...)                                 \
+  switch ((K + V - 1) / V) {                                   \
+    case 1: single::fn<1>(__VA_ARGS__); break;                 \
+    case 2: single::fn<2>(__VA_ARGS__); break;                 \
+    case 3: single::fn<3>(__VA_ARGS__); break;                 \
+    case 4: single::fn<4>(__VA_ARGS__); break;                 \
+    default: break;                                            \
+  }
+void lenet5_single_conv_pool_forward(const float* x, int64_t N, int64_t H, int64_t W, int64_t K, int64_t pad,
+                                     const float* w, const float* bias, float* y, float* which, int threads) {
+  const single::Geometry g{N, H, W, K, pad, H + 2 * pad - 4, W + 2 * pad - 4};
+  LENET5_SINGLE(forward, x, g, reinterpret_cast<const vf*>(w), reinterpret_cast<const vf*>(bias), y, which, threads)
+}
+
+void lenet5_single_conv_pool_backward(const float* x, const float* grad, const float* which, int64_t N, int64_t H,
+                                      int64_t W, int64_t K, int64_t pad, float* gw, int threads) {
+  const single::Geometry g{N, H, W, K, pad, H + 2 * pad - 4, W + 2 * pad - 4};
+  LENET5_SINGLE(backward, x, grad, which, g, reinterpret_cast<vf*>(gw), threads)
+}
+#undef LENET5_SINGLE
 
 }  // extern "C"
