@@ -101,7 +101,7 @@ def main() -> None:
         return F.conv2d(x, w, b, padding=2)
 
     def winograd(x, w, b):  # lenet5's path for conv2 where it applies (fp32 CPU, see lenet5.native)
-        return native._WinogradConv.apply(x, w, b, 2)
+        return native._WinogradConv.apply(x, w, b, 2, False)
 
     layers = [("conv1 (1->20, 5x5, 28x28)", conv1, x1, conv), ("conv2 (20->50, 5x5, 14x14)", conv2, x2, conv)]
     if native.winograd_applies(x2, conv2):

@@ -486,16 +486,24 @@ WINOGRAD_CASES = [  # (batch, input channels, output channels, height, width, pa
     (3, 9, 7, 11, 12, 2),  # odd sizes: partial tiles, partial vectors
     (4, 20, 50, 13, 9, 1),
     (70, 8, 3, 5, 6, 0),  # several images per block, a last block short of images
+    (70, 8, 3, 8, 6, 0),  # the same with an even-sized output (4x2), for the pooled path
 ]
 
 
-def _winograd_against_float64(n, c, k, h, w, pad):
+def _winograd_against_float64(n, c, k, h, w, pad, pool=False):
+    """With `pool`, relu(max_pool2d(conv)) by the pooled path, on inputs with blank rows (windows
+    of equal maxima, the bias)."""
     torch.manual_seed(n * 1000 + c)
     conv = torch.nn.Conv2d(c, k, 5, padding=pad).to(memory_format=torch.channels_last)
-    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_()
-    y = native.winograd_conv(x, conv)
+    x = torch.randn(n, c, h, w)
+    if pool:
+        x[:, :, : h // 2] = 0
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    y = native.winograd_conv_pool(x, conv) if pool else native.winograd_conv(x, conv)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, conv.weight, conv.bias))
     y64 = torch.nn.functional.conv2d(x64, w64, b64, padding=pad)
+    if pool:
+        y64 = torch.nn.functional.relu(torch.nn.functional.max_pool2d(y64, 2))
     g = torch.randn_like(y64)
     y64.backward(g)
     y.backward(g.float())
@@ -506,6 +514,17 @@ def _winograd_against_float64(n, c, k, h, w, pad):
     return conv, x, y, {"output": error(y, y64), "input gradient": error(x.grad, x64.grad),
                         "weight gradient": error(conv.weight.grad, w64.grad),
                         "bias gradient": error(conv.bias.grad, b64.grad)}
+
+
+@pytest.mark.parametrize("case", [c for c in WINOGRAD_CASES if c[3] % 2 == c[4] % 2 == 0])
+def test_winograd_convolution_with_pooling_agrees_with_float64(kernels, case):
+    """The pooled path (ReLU and 2x2 max pooling on the output tiles, the backward unpooling into
+    them) against PyTorch in float64, ties going to the first maximum as PyTorch's."""
+    conv, x, y, errors = _winograd_against_float64(*case, pool=True)
+    n, c, k, h, w, pad = case
+    assert y.shape == (n, k, (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2)
+    limits = {"output": 1e-5, "input gradient": 1e-5, "weight gradient": 1e-4, "bias gradient": 1e-5}
+    assert all(errors[name] < limits[name] for name in limits), errors
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
@@ -530,8 +549,10 @@ from lenet5 import native
 from test_native import WINOGRAD_CASES, _winograd_against_float64
 assert native.kernels().vector_width == 8
 for case in WINOGRAD_CASES:
-    errors = _winograd_against_float64(*case)[3]
-    assert errors["output"] < 1e-5 and errors["input gradient"] < 1e-5 and errors["weight gradient"] < 1e-4, errors
+    for pool in (False, True) if case[3] % 2 == case[4] % 2 == 0 else (False,):
+        errors = _winograd_against_float64(*case, pool=pool)[3]
+        assert errors["output"] < 1e-5 and errors["input gradient"] < 1e-5 and errors["weight gradient"] < 1e-4, \
+            (case, pool, errors)
 print("agrees")
 """
 
@@ -592,19 +613,25 @@ def test_the_winograd_kernels_refuse_what_they_were_not_written_for(kernels):
         ops.winograd_forward(x[:, :, :1, :1].contiguous(memory_format=torch.channels_last), u, ut, b, 0)
     with pytest.raises(RuntimeError, match="gradient"):
         ops.winograd_backward(x, torch.zeros(2, 50, 14, 14), u, ut, w, 2, True)  # not channels_last
+    with pytest.raises(RuntimeError, match="no 2x2 pooling"):
+        ops.winograd_forward(x[:, :, :13].contiguous(memory_format=torch.channels_last), u, ut, b, 2, pool=True)
+    y, which = ops.winograd_forward(x, u, ut, b, 2, pool=True)
+    with pytest.raises(RuntimeError, match="saved maxima"):
+        ops.winograd_backward(x, y, u, ut, w, 2, True, which[:1])
     with pytest.raises(RuntimeError, match="weight"):
         ops.winograd_weight(torch.randn(50, 20, 3, 3))
 
 
 def test_keras_lenet_trains_the_same_with_winograd(kernels, mnist, monkeypatch):
-    """keras-lenet's training step with the Winograd convolution and with oneDNN's: the same
-    outputs and gradients but for rounding, and the Winograd path really taken (once, conv2)."""
+    """keras-lenet's training step with the Winograd convolution (its ReLU and pooling on the
+    output tiles) and with oneDNN's: the same outputs and gradients but for rounding, and the
+    Winograd path really taken (once, conv2)."""
     torch.manual_seed(0)
     model = create_model("keras-lenet").to(memory_format=torch.channels_last)
     x, y = to_model_input(mnist.train.images[:32]), mnist.train.labels[:32]
     calls = []
-    original = native.winograd_conv
-    monkeypatch.setattr(native, "winograd_conv", lambda t, conv: calls.append(conv) or original(t, conv))
+    original = native.winograd_conv_pool
+    monkeypatch.setattr(native, "winograd_conv_pool", lambda t, conv: calls.append(conv) or original(t, conv))
     runs = []
     for use in (True, False):
         model.zero_grad()

@@ -57,12 +57,15 @@ def conv_relu_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     (a window's maximum is positive in both or in neither), and pooling first runs the ReLU and
     its backward on a quarter of the values. Tested against the Sequential order for every model
     that uses it. On a CPU both run as one native kernel, forward and backward (lenet5.native),
-    where the layout and shape allow, and so does the convolution: by Winograd's F(2x2, 5x5) for
-    8 or more input channels (`native.conv5x5`), fused with the ReLU and pooling for a first layer
-    of one input channel (`native.single_conv_pool`).
+    where the layout and shape allow, and so does the convolution, with them: by Winograd's
+    F(2x2, 5x5) for 8 or more input channels (`native.winograd_conv_pool`, each output tile a
+    pooling window), by a direct kernel for a first layer of one input channel
+    (`native.single_conv_pool`).
     """
     if native.single_conv_pool_applies(x, conv):
         return native.single_conv_pool(x, conv)
+    if native.winograd_pool_applies(x, conv):
+        return native.winograd_conv_pool(x, conv)
     x = native.conv5x5(x, conv)
     if native.relu_max_pool_applies(x):
         return native.relu_max_pool(x)

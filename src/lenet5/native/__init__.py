@@ -58,8 +58,8 @@ _SIGNATURES = {
     "lenet5_rmsprop_tensor": (None, [_P, _P, _INT, _P, _P, _I64, _F, _F, _F, _F, _F, _INT]),
     "lenet5_relu_max_pool_forward": (None, [_P, _INT, _I64, _I64, _I64, _I64, _P, _P, _INT]),
     "lenet5_relu_max_pool_backward": (None, [_P, _P, _INT, _I64, _I64, _I64, _I64, _P, _INT]),
-    "lenet5_winograd_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
-    "lenet5_winograd_backward": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
+    "lenet5_winograd_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
+    "lenet5_winograd_backward": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
     "lenet5_single_conv_pool_forward": (None, [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _INT]),
     "lenet5_single_conv_pool_backward": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _INT]),
     "lenet5_winograd_weight": (None, [_P, _STRIDES, _I64, _I64, _P, _I64, _P, _I64, _INT]),
@@ -253,24 +253,34 @@ class Kernels:
             raise RuntimeError(f"winograd: a 5x5 convolution with padding {pad} has no output on {H}x{W}")
         return N, C, H, W, K, oh, ow
 
-    def winograd_forward(self, x: torch.Tensor, u: torch.Tensor, ut: torch.Tensor, bias: torch.Tensor,
-                         pad: int) -> torch.Tensor:
+    def winograd_forward(self, x: torch.Tensor, u: torch.Tensor, ut: torch.Tensor, bias: torch.Tensor, pad: int,
+                         pool: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """conv2d(x, weight, bias, padding=pad), channels_last, for a 5x5 weight given as its
-        transforms (`winograd_weight`)."""
+        transforms (`winograd_weight`); with `pool`, relu(max_pool2d(that, 2)) and, per output,
+        which input of its window it came from (as relu_max_pool_forward's), else None."""
         N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
         if not _cpu_float32(bias) or bias.shape != (K,):
             raise RuntimeError("winograd: the bias does not match the weight")
-        y = torch.empty(N, K, oh, ow, device=x.device, memory_format=torch.channels_last)
+        if pool and (oh % 2 or ow % 2):
+            raise RuntimeError(f"winograd: a {oh}x{ow} output has no 2x2 pooling")
+        y = torch.empty(N, K, oh // 2 if pool else oh, ow // 2 if pool else ow, device=x.device,
+                        memory_format=torch.channels_last)
+        which = torch.empty_like(y) if pool else None
         self._lib.lenet5_winograd_forward(x.data_ptr(), N, H, W, C, K, pad, u.data_ptr(), bias.contiguous().data_ptr(),
-                                          y.data_ptr(), torch.get_num_threads())
-        return y
+                                          y.data_ptr(), which.data_ptr() if pool else None, torch.get_num_threads())
+        return y, which
 
     def winograd_backward(self, x: torch.Tensor, grad: torch.Tensor, u: torch.Tensor, ut: torch.Tensor,
-                          weight: torch.Tensor, pad: int,
-                          need_input: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                          weight: torch.Tensor, pad: int, need_input: bool,
+                          which: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The input's gradient (None unless `need_input`), the weight's (in its own layout) and the
-        bias's, from the output's gradient, for the forward pass's input x."""
+        bias's, from the output's gradient, for the forward pass's input x; with `which` (the
+        pooled forward's), from the pooled output's gradient."""
         N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
+        if which is not None:
+            oh, ow = oh // 2, ow // 2
+            if not _cpu_float32(which) or which.shape != (N, K, oh, ow) or not _channels_last(which):
+                raise RuntimeError("winograd_backward: the saved maxima do not match the gradient")
         if not _cpu_float32(grad) or grad.shape != (N, K, oh, ow) or not _channels_last(grad):
             raise RuntimeError("winograd_backward: the gradient must be a float32 channels_last CPU tensor of the "
                                "output's shape")
@@ -279,7 +289,8 @@ class Kernels:
         cp, kp, threads = self._padded(C), self._padded(K), torch.get_num_threads()
         du, db = u.new_zeros(threads, 36, cp, kp), u.new_zeros(threads, kp)
         dx = torch.empty(N, C, H, W, device=x.device, memory_format=torch.channels_last) if need_input else None
-        self._lib.lenet5_winograd_backward(x.data_ptr(), grad.data_ptr(), N, H, W, C, K, pad, ut.data_ptr(),
+        self._lib.lenet5_winograd_backward(x.data_ptr(), grad.data_ptr(), which.data_ptr() if which is not None else None,
+                                           N, H, W, C, K, pad, ut.data_ptr(),
                                            dx.data_ptr() if need_input else None, du.data_ptr(), db.data_ptr(),
                                            threads)
         gw = torch.empty_like(weight)  # the weight's own layout, as DDP's gradient buckets expect
@@ -478,20 +489,22 @@ WINOGRAD_MIN_CHANNELS = 8
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pad: int):
+    def forward(ctx, x, weight, bias, pad: int, pool: bool):
         x = x.contiguous(memory_format=torch.channels_last)
         u, ut = _ops().winograd_weight(weight)
-        ctx.save_for_backward(x, u, ut, weight)
+        y, which = _ops().winograd_forward(x, u, ut, bias, pad, pool)
+        ctx.save_for_backward(x, u, ut, weight, *([which] if pool else []))
         ctx.pad = pad
-        return _ops().winograd_forward(x, u, ut, bias, pad)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, u, ut, weight = ctx.saved_tensors
+        x, u, ut, weight, *which = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        dx, dw, db = _ops().winograd_backward(x, grad, u, ut, weight, ctx.pad, ctx.needs_input_grad[0])
-        return dx, dw, db, None
+        dx, dw, db = _ops().winograd_backward(x, grad, u, ut, weight, ctx.pad, ctx.needs_input_grad[0],
+                                              which[0] if which else None)
+        return dx, dw, db, None, None
 
 
 def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -576,7 +589,20 @@ def conv5x5(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 def winograd_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) by Winograd F(2x2, 5x5), forward and backward; channels_last out. The caller checks
     `winograd_applies` first."""
-    return _WinogradConv.apply(x, conv.weight, conv.bias, conv.padding[0])
+    return _WinogradConv.apply(x, conv.weight, conv.bias, conv.padding[0], False)
+
+
+def winograd_pool_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """`winograd_applies`, and an even-sized output: each Winograd tile is then a pooling window."""
+    p = conv.padding
+    return winograd_applies(x, conv) and (x.shape[2] + 2 * p[0]) % 2 == 0 and (x.shape[3] + 2 * p[0]) % 2 == 0
+
+
+def winograd_conv_pool(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """relu(max_pool2d(conv(x), 2)) with the convolution by Winograd and the ReLU and pooling done
+    on its output tiles (no full-size output or gradient in memory); the caller checks
+    `winograd_pool_applies` first."""
+    return _WinogradConv.apply(x, conv.weight, conv.bias, conv.padding[0], True)
 
 
 def _dense(t: torch.Tensor) -> bool:

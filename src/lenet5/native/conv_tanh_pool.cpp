@@ -702,7 +702,10 @@ void input_tiles(const float* x, const Geometry& g, int64_t n0, int64_t n1, vf* 
       }
 }
 
-void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const float* bias, float* y) {
+// With `which`, each 2x2 tile is a window of max pooling after the ReLU (an even-sized output:
+// every tile whole): y and which are pooled, as relu_max_pool_rows writes them.
+void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const float* bias, float* y,
+                  float* which) {
   const int64_t T = (n1 - n0) * g.per_image(), Kv = g.Kv();
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t ty = 0; ty < g.TH; ++ty)
@@ -724,6 +727,14 @@ void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const 
 #pragma GCC unroll 2
           for (int i = 0; i < 2; ++i) apply(AT, &tmp[i][0], 1, &out[i][0], 1);
           const vf bv = lanes.load(bias + k * V);
+          if (which) {
+            alignas(64) float win[4][V];
+            for (int q = 0; q < 4; ++q) Lanes_n::store_lanes(win[q], out[q / 2][q % 2] + bv);
+            const int64_t at = ((n * g.TH + ty) * g.TW + tx) * g.K + k * V;
+            if (lanes.n == V) max_window<float, V>(win[0], win[1], win[2], win[3], y + at, which + at, V);
+            else max_window<float, 0>(win[0], win[1], win[2], win[3], y + at, which + at, lanes.n);
+            continue;
+          }
 #pragma GCC unroll 2
           for (int i = 0; i < 2; ++i)
 #pragma GCC unroll 2
@@ -733,8 +744,10 @@ void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const 
       }
 }
 
-// Also adds every output gradient into db (Kv vectors): the bias's gradient.
-void grad_output_tiles(const float* dy, const Geometry& g, int64_t n0, int64_t n1, vf* dm, vf* db) {
+// Also adds every output gradient into db (Kv vectors): the bias's gradient. With `which`, dy is
+// the pooled output's gradient, unpooled here into each tile (as relu_max_pool_grad_rows would).
+void grad_output_tiles(const float* dy, const float* which, const Geometry& g, int64_t n0, int64_t n1, vf* dm,
+                       vf* db) {
   const int64_t T = (n1 - n0) * g.per_image(), Kv = g.Kv();
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t ty = 0; ty < g.TH; ++ty)
@@ -749,10 +762,18 @@ void grad_output_tiles(const float* dy, const Geometry& g, int64_t n0, int64_t n
         for (int64_t k = 0; k < Kv; ++k) {
           const Lanes_n lanes(std::min<int64_t>(V, g.K - k * V));
           vf in[2][2], tmp[6][2], out[6][6];
+          if (which) {
+            alignas(64) float win[4][V];
+            const int64_t at = ((n * g.TH + ty) * g.TW + tx) * g.K + k * V;
+            if (lanes.n == V) unpool_window<float, V>(dy + at, which + at, win[0], win[1], win[2], win[3], V);
+            else unpool_window<float, 0>(dy + at, which + at, win[0], win[1], win[2], win[3], lanes.n);
+            for (int q = 0; q < 4; ++q) in[q / 2][q % 2] = lanes.load(win[q]);
+          } else {
 #pragma GCC unroll 2
-          for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < 2; ++i)
 #pragma GCC unroll 2
-            for (int j = 0; j < 2; ++j) in[i][j] = py[i][j] ? lanes.load(py[i][j] + k * V) : vf{};
+              for (int j = 0; j < 2; ++j) in[i][j] = py[i][j] ? lanes.load(py[i][j] + k * V) : vf{};
+          }
           db[k] += (in[0][0] + in[0][1]) + (in[1][0] + in[1][1]);
 #pragma GCC unroll 2
           for (int j = 0; j < 2; ++j) apply(A, &in[0][j], 2, &tmp[0][j], 2);
@@ -812,8 +833,9 @@ void blocks(const Geometry& g, int threads, const F& f) {
   });
 }
 
-// u: [36][C][Kv vectors] (rows past C unused).
-void forward(const float* x, const Geometry& g, const vf* u, const float* bias, float* y, int threads) {
+// u: [36][C][Kv vectors] (rows past C unused); which: see output_tiles.
+void forward(const float* x, const Geometry& g, const vf* u, const float* bias, float* y, float* which,
+             int threads) {
   const int64_t tiles = images_per_block(g) * g.per_image(), Cv = g.Cv(), Kv = g.Kv();
   blocks(g, threads, [&](int64_t, int64_t n0, int64_t n1) {
     thread_local Buf v, m;
@@ -824,14 +846,15 @@ void forward(const float* x, const Geometry& g, const vf* u, const float* bias, 
     const float* vs = reinterpret_cast<const float*>(v.data());
     for (int p = 0; p < 36; ++p)
       gemm(T, Kv, vs + p * T * Cv * V, Cv * V, 1, u + p * g.C * Kv, Kv, g.C, m.data() + p * T * Kv, Kv, false);
-    output_tiles(m.data(), g, n0, n1, bias, y);
+    output_tiles(m.data(), g, n0, n1, bias, y, which);
   });
 }
 
 // du: [threads][36][Cv * V rows][Kv vectors] and db: [threads][Kv vectors], zeroed by the caller,
-// each thread adding its blocks into its own; ut: [36][K][Cv vectors] (U transposed); dx may be null.
-void backward(const float* x, const float* dy, const Geometry& g, const vf* ut, float* dx, vf* du, vf* db,
-              int threads) {
+// each thread adding its blocks into its own; ut: [36][K][Cv vectors] (U transposed); dx may be null;
+// which: see grad_output_tiles.
+void backward(const float* x, const float* dy, const float* which, const Geometry& g, const vf* ut, float* dx,
+              vf* du, vf* db, int threads) {
   const int64_t tiles = images_per_block(g) * g.per_image(), Cv = g.Cv(), Kv = g.Kv();
   blocks(g, threads, [&](int64_t part, int64_t n0, int64_t n1) {
     thread_local Buf v, dm, dv, acc;
@@ -839,7 +862,7 @@ void backward(const float* x, const float* dy, const Geometry& g, const vf* ut, 
     dm.resize(36 * tiles * Kv);
     const int64_t T = (n1 - n0) * g.per_image();
     input_tiles(x, g, n0, n1, v.data());
-    grad_output_tiles(dy, g, n0, n1, dm.data(), db + part * Kv);
+    grad_output_tiles(dy, which, g, n0, n1, dm.data(), db + part * Kv);
     const float* vs = reinterpret_cast<const float*>(v.data());
     const float* dms = reinterpret_cast<const float*>(dm.data());
     vf* dup = du + part * 36 * Cv * V * Kv;
@@ -1147,18 +1170,22 @@ void lenet5_relu_max_pool_backward(const void* grad, const void* which, int bf16
 // u [36][C][Kp] and ut [36][K][Cp], Cp and Kp the counts rounded up to lenet5_vector_width().
 #define LENET5_WINO_GEOMETRY wino::Geometry g{N, H, W, C, K, pad, H + 2 * pad - 4, W + 2 * pad - 4, \
                                            (H + 2 * pad - 3) / 2, (W + 2 * pad - 3) / 2}
+// With `which` (not null; an even-sized output), y is relu(max_pool2d(y, 2)) and which the
+// maxima's positions, as lenet5_relu_max_pool_forward writes them.
 void lenet5_winograd_forward(const float* x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t K, int64_t pad,
-                             const float* u, const float* bias, float* y, int threads) {
+                             const float* u, const float* bias, float* y, float* which, int threads) {
   LENET5_WINO_GEOMETRY;
-  wino::forward(x, g, reinterpret_cast<const vf*>(u), bias, y, threads);
+  wino::forward(x, g, reinterpret_cast<const vf*>(u), bias, y, which, threads);
 }
 
-// du: [threads][36][Cp][Kp] and db: [threads][Kp], zeroed; dx may be null.
-void lenet5_winograd_backward(const float* x, const float* dy, int64_t N, int64_t H, int64_t W, int64_t C, int64_t K,
-                              int64_t pad, const float* ut, float* dx, float* du, float* db, int threads) {
+// du: [threads][36][Cp][Kp] and db: [threads][Kp], zeroed; dx may be null; with `which`, dy is the
+// pooled output's gradient.
+void lenet5_winograd_backward(const float* x, const float* dy, const float* which, int64_t N, int64_t H, int64_t W,
+                              int64_t C, int64_t K, int64_t pad, const float* ut, float* dx, float* du, float* db,
+                              int threads) {
   LENET5_WINO_GEOMETRY;
-  wino::backward(x, dy, g, reinterpret_cast<const vf*>(ut), dx, reinterpret_cast<vf*>(du), reinterpret_cast<vf*>(db),
-                 threads);
+  wino::backward(x, dy, which, g, reinterpret_cast<const vf*>(ut), dx, reinterpret_cast<vf*>(du),
+                 reinterpret_cast<vf*>(db), threads);
 }
 
 void lenet5_winograd_weight(const float* w, const int64_t* strides, int64_t K, int64_t C, float* u, int64_t Kp,
