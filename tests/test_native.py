@@ -591,6 +591,10 @@ def test_where_winograd_applies(kernels):
     assert not native.winograd_applies(x, torch.nn.Conv2d(20, 50, 3, padding=1))
     assert not native.winograd_applies(x, torch.nn.Conv2d(20, 50, 5, padding=2, bias=False))
     assert not native.winograd_applies(x[:, :, :2, :2], torch.nn.Conv2d(20, 50, 5))  # no output
+    big = torch.randn(1, 20, 66, 66).to(memory_format=torch.channels_last)  # 1089 tiles an image: oneDNN's
+    assert native.winograd_applies(big[:, :, :64, :64].contiguous(memory_format=torch.channels_last), conv)
+    assert not native.winograd_applies(big, conv)
+    assert not native.winograd_applies(x, torch.nn.Conv2d(20, 200, 5, padding=2))  # too wide
     with native.disabled():
         assert not native.winograd_applies(x, conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -618,6 +622,13 @@ def test_the_winograd_kernels_refuse_what_they_were_not_written_for(kernels):
     y, which = ops.winograd_forward(x, u, ut, b, 2, pool=True)
     with pytest.raises(RuntimeError, match="saved maxima"):
         ops.winograd_backward(x, y, u, ut, w, 2, True, which[:1])
+    odd = x[:, :, :13, :13].contiguous(memory_format=torch.channels_last)  # a 13x13 output: no whole windows
+    pooled = torch.zeros(2, 50, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="no 2x2 pooling"):
+        ops.winograd_backward(odd, pooled, u, ut, w, 2, True, pooled.clone())
+    strided_bias = torch.randn(100)[::2]  # a copy made for the call must outlive it
+    assert torch.equal(ops.winograd_forward(x, u, ut, strided_bias, 2)[0],
+                       ops.winograd_forward(x, u, ut, strided_bias.contiguous(), 2)[0])
     with pytest.raises(RuntimeError, match="weight"):
         ops.winograd_weight(torch.randn(50, 20, 3, 3))
 

@@ -226,7 +226,9 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
     from lenet5 import native
 
     generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode(False):
+    # the layer's initialisation draws from the global generator: forked, so that a run's seeded
+    # stream is the same whether or not this machine's probe was cached
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
         x = torch.randn(32, 20, 14, 14, generator=generator).to(memory_format=torch.channels_last).requires_grad_()
         conv = torch.nn.Conv2d(20, 50, 5, padding=2).to(memory_format=torch.channels_last)
 

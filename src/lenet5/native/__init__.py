@@ -266,8 +266,9 @@ class Kernels:
         y = torch.empty(N, K, oh // 2 if pool else oh, ow // 2 if pool else ow, device=x.device,
                         memory_format=torch.channels_last)
         which = torch.empty_like(y) if pool else None
-        self._lib.lenet5_winograd_forward(x.data_ptr(), N, H, W, C, K, pad, u.data_ptr(), bias.contiguous().data_ptr(),
-                                          y.data_ptr(), which.data_ptr() if pool else None, torch.get_num_threads())
+        b = bias.contiguous()  # kept alive over the call
+        self._lib.lenet5_winograd_forward(x.data_ptr(), N, H, W, C, K, pad, u.data_ptr(), b.data_ptr(), y.data_ptr(),
+                                          which.data_ptr() if pool else None, torch.get_num_threads())
         return y, which
 
     def winograd_backward(self, x: torch.Tensor, grad: torch.Tensor, u: torch.Tensor, ut: torch.Tensor,
@@ -278,6 +279,8 @@ class Kernels:
         pooled forward's), from the pooled output's gradient."""
         N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
         if which is not None:
+            if oh % 2 or ow % 2:
+                raise RuntimeError(f"winograd_backward: a {oh}x{ow} output has no 2x2 pooling")
             oh, ow = oh // 2, ow // 2
             if not _cpu_float32(which) or which.shape != (N, K, oh, ow) or not _channels_last(which):
                 raise RuntimeError("winograd_backward: the saved maxima do not match the gradient")
@@ -485,6 +488,10 @@ def relu_max_pool(x: torch.Tensor) -> torch.Tensor:
 # as much per channel as its products save, so a thin input (keras-lenet's first convolution
 # has one channel) stays with oneDNN.
 WINOGRAD_MIN_CHANNELS = 8
+# The largest layers it takes: its buffers hold a block of whole images per thread (and the weight
+# gradient's partial sums one per thread), so big images or wide layers stay with oneDNN, which was
+# not measured against it there. 1024 tiles: a 64x64 output.
+WINOGRAD_MAX_CHANNELS, WINOGRAD_MAX_TILES = 128, 1024
 
 
 class _WinogradConv(torch.autograd.Function):
@@ -514,12 +521,14 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     loaded."""
     if getattr(_disabled, "on", False) or x.dim() != 4 or conv.bias is None \
             or not _cpu_float32(x, conv.weight, conv.bias) or not _channels_last(x) \
-            or x.shape[1] < WINOGRAD_MIN_CHANNELS or x.shape[0] == 0:
+            or not WINOGRAD_MIN_CHANNELS <= x.shape[1] <= WINOGRAD_MAX_CHANNELS \
+            or conv.out_channels > WINOGRAD_MAX_CHANNELS or x.shape[0] == 0:
         return False
     p = conv.padding
     if conv.kernel_size != (5, 5) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
             or conv.padding_mode != "zeros" or isinstance(p, str) or p[0] != p[1] \
-            or x.shape[2] + 2 * p[0] < 5 or x.shape[3] + 2 * p[0] < 5:
+            or x.shape[2] + 2 * p[0] < 5 or x.shape[3] + 2 * p[0] < 5 \
+            or ((x.shape[2] + 2 * p[0] - 3) // 2) * ((x.shape[3] + 2 * p[0] - 3) // 2) > WINOGRAD_MAX_TILES:
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \

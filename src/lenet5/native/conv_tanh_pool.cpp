@@ -24,7 +24,9 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
-#include <immintrin.h>
+#if defined(__AVX__)
+#include <immintrin.h>  // Lanes_n's masked loads and stores; other targets take its plain loop
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
