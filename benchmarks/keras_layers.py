@@ -121,7 +121,7 @@ def main() -> None:
     rows = []
     for name, m, x, op in layers:
         forward, backward = layer(m, x, op)
-        fwd_flops = flops(layer(m, x, conv)[0] if op is not conv else forward)  # GFLOP/s as if computed directly
+        fwd_flops = flops(layer(m, x, conv)[0] if op in (winograd, one_channel) else forward)  # as if direct
         counted = op is not conv or not native_paths.get(m, False)  # in the step: lenet5's path, not oneDNN's
         rows.append((f"{name} forward", median_ms(forward), fwd_flops, counted))
         rows.append((f"{name} backward", median_ms(backward), fwd_flops * (2 if x.requires_grad else 1), counted))
