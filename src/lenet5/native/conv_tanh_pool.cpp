@@ -704,6 +704,16 @@ void input_tiles(const float* x, const Geometry& g, int64_t n0, int64_t n1, vf* 
       }
 }
 
+// Tile (ty, tx) of image n: its four outputs' channels in `base` (N, OH, OW, K), null past the edge.
+template <typename P>
+inline void tile_outputs(const Geometry& g, int64_t n, int64_t ty, int64_t tx, P* base, P* (&py)[2][2]) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
+      py[i][j] = oy < g.OH && ox < g.OW ? base + ((n * g.OH + oy) * g.OW + ox) * g.K : nullptr;
+    }
+}
+
 // With `which`, each 2x2 tile is a window of max pooling after the ReLU (an even-sized output:
 // every tile whole): y and which are pooled, as relu_max_pool_rows writes them.
 void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const float* bias, float* y,
@@ -713,12 +723,8 @@ void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const 
     for (int64_t ty = 0; ty < g.TH; ++ty)
       for (int64_t tx = 0; tx < g.TW; ++tx) {
         const int64_t t = (n - n0) * g.per_image() + ty * g.TW + tx;
-        float* py[2][2];  // the tile's outputs, null past the edge
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
-            py[i][j] = oy < g.OH && ox < g.OW ? y + ((n * g.OH + oy) * g.OW + ox) * g.K : nullptr;
-          }
+        float* py[2][2];
+        tile_outputs(g, n, ty, tx, y, py);
         for (int64_t k = 0; k < Kv; ++k) {
           const Lanes_n lanes(std::min<int64_t>(V, g.K - k * V));
           vf in[6][6], tmp[2][6], out[2][2];
@@ -756,11 +762,7 @@ void grad_output_tiles(const float* dy, const float* which, const Geometry& g, i
       for (int64_t tx = 0; tx < g.TW; ++tx) {
         const int64_t t = (n - n0) * g.per_image() + ty * g.TW + tx;
         const float* py[2][2];
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const int64_t oy = 2 * ty + i, ox = 2 * tx + j;
-            py[i][j] = oy < g.OH && ox < g.OW ? dy + ((n * g.OH + oy) * g.OW + ox) * g.K : nullptr;
-          }
+        tile_outputs(g, n, ty, tx, dy, py);
         for (int64_t k = 0; k < Kv; ++k) {
           const Lanes_n lanes(std::min<int64_t>(V, g.K - k * V));
           vf in[2][2], tmp[6][2], out[6][6];
