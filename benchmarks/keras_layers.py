@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Callable
 
 from lenet5.hardware import EMULATE, restart_emulating
 
@@ -59,18 +60,14 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="emulate a lesser CPU")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--profile", action="store_true", help="also list the step's operations by torch.profiler")
-    args = parser.parse_args()
+def blog_step(precision: str) -> tuple[TrainStep, Callable[[], None], torch.Tensor]:
+    """The blog post's training step as `lenet5 train` runs it (keras-lenet, RMSprop, batch 32), on
+    random images (its cost does not depend on the pixels): the step, a function running one step
+    on a random batch, and the images."""
     flush_denormals()
     tune_allocator()  # as `lenet5 train` does
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    step = TrainStep.build(TrainConfig(precision=args.precision), torch.device("cpu"), 1875)
+    step = TrainStep.build(TrainConfig(precision=precision), torch.device("cpu"), 1875)
     step.wrap(compile=False)  # as fit() does: bf16 runs on the optimizer's bfloat16 copies of the weights
-    model = step.model
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (60_000,), generator=generator)
@@ -81,6 +78,19 @@ def main() -> None:
         step.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         step.optimizer.step()
+
+    return step, train_step, images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="emulate a lesser CPU")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--profile", action="store_true", help="also list the step's operations by torch.profiler")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    step, train_step, images = blog_step(args.precision)
+    model = step.model
 
     conv1, conv2 = model.features[0], model.features[3]
     dense, output = model.classifier[1], model.classifier[3]

@@ -18,6 +18,7 @@ import contextlib
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from lenet5.hardware import EMULATE, restart_emulating
 
@@ -27,13 +28,10 @@ if __name__ == "__main__" and "--cpu-class" in sys.argv:
 import torch  # noqa: E402
 
 from lenet5 import native  # noqa: E402
-from lenet5.data.transforms import to_model_input  # noqa: E402
 from lenet5.hardware import cpu_class, matmul_peak  # noqa: E402
-from lenet5.runtime import flush_denormals, tune_allocator  # noqa: E402
-from lenet5.train.config import TrainConfig  # noqa: E402
-from lenet5.train.step import TrainStep  # noqa: E402
 
-BATCH = 32
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from keras_layers import blog_step  # noqa: E402  (the same step as the layer benchmark's)
 
 
 @contextlib.contextmanager
@@ -63,20 +61,7 @@ def main() -> None:
     parser.add_argument("--cpu-class", choices=sorted(EMULATE), help="emulate a lesser CPU")
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    flush_denormals()
-    tune_allocator()  # as `lenet5 train` does
-    step = TrainStep.build(TrainConfig(precision="fp32"), torch.device("cpu"), 1875)
-    step.wrap(compile=False)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (60_000, 28, 28), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (60_000,), generator=generator)
-
-    def train_step() -> None:
-        idx = torch.randint(0, 60_000, (BATCH,), generator=generator)
-        objective, _ = step.objective(*step.outputs(to_model_input(images[idx]), BATCH), labels[idx])
-        step.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        step.optimizer.step()
+    _, train_step, _ = blog_step("fp32")
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):

@@ -672,6 +672,18 @@ void gemm(int64_t rows, int64_t nv, const float* a, int64_t ars, int64_t ais, co
   }
 }
 
+// A tile's 36 points, vector k of its channels, in a block's buffer [36][T tiles][nv vectors].
+__attribute__((always_inline)) inline void get_tile(const vf* buf, int64_t T, int64_t t, int64_t nv, int64_t k,
+                                                    vf (&tile)[6][6]) {
+#pragma GCC unroll 36
+  for (int p = 0; p < 36; ++p) tile[p / 6][p % 6] = buf[(p * T + t) * nv + k];
+}
+__attribute__((always_inline)) inline void put_tile(const vf (&tile)[6][6], vf* buf, int64_t T, int64_t t,
+                                                    int64_t nv, int64_t k) {
+#pragma GCC unroll 36
+  for (int p = 0; p < 36; ++p) buf[(p * T + t) * nv + k] = tile[p / 6][p % 6];
+}
+
 // The transforms of one block's tiles: tile t = (image - n0) * per_image + ty * TW + tx; the
 // buffers are [36][tiles][channel vectors].
 void input_tiles(const float* x, const Geometry& g, int64_t n0, int64_t n1, vf* v) {
@@ -699,8 +711,7 @@ void input_tiles(const float* x, const Geometry& g, int64_t n0, int64_t n1, vf* 
           for (int b = 0; b < 6; ++b) apply(BT, &d[0][b], 6, &tmp[0][b], 6);
 #pragma GCC unroll 6
           for (int i = 0; i < 6; ++i) apply(BT, &tmp[i][0], 1, &out[i][0], 1);
-#pragma GCC unroll 36
-          for (int p = 0; p < 36; ++p) v[(p * T + t) * Cv + k] = out[p / 6][p % 6];
+          put_tile(out, v, T, t, Cv, k);
         }
       }
 }
@@ -729,8 +740,7 @@ void output_tiles(const vf* m, const Geometry& g, int64_t n0, int64_t n1, const 
         for (int64_t k = 0; k < Kv; ++k) {
           const Lanes_n lanes(std::min<int64_t>(V, g.K - k * V));
           vf in[6][6], tmp[2][6], out[2][2];
-#pragma GCC unroll 36
-          for (int p = 0; p < 36; ++p) in[p / 6][p % 6] = m[(p * T + t) * Kv + k];
+          get_tile(m, T, t, Kv, k, in);
 #pragma GCC unroll 6
           for (int b = 0; b < 6; ++b) apply(AT, &in[0][b], 6, &tmp[0][b], 6);
 #pragma GCC unroll 2
@@ -784,8 +794,7 @@ void grad_output_tiles(const float* dy, const float* which, const Geometry& g, i
           for (int j = 0; j < 2; ++j) apply(A, &in[0][j], 2, &tmp[0][j], 2);
 #pragma GCC unroll 6
           for (int a = 0; a < 6; ++a) apply(A, &tmp[a][0], 1, &out[a][0], 1);
-#pragma GCC unroll 36
-          for (int p = 0; p < 36; ++p) dm[(p * T + t) * Kv + k] = out[p / 6][p % 6];
+          put_tile(out, dm, T, t, Kv, k);
         }
       }
 }
@@ -802,8 +811,7 @@ void grad_input_tiles(const vf* dv, const Geometry& g, int64_t n0, int64_t n1, v
         vf* at = acc + (2 * ty * PW + 2 * tx) * Cv;
         for (int64_t k = 0; k < Cv; ++k) {
           vf in[6][6], tmp[6][6], out[6][6];
-#pragma GCC unroll 36
-          for (int p = 0; p < 36; ++p) in[p / 6][p % 6] = dv[(p * T + t) * Cv + k];
+          get_tile(dv, T, t, Cv, k, in);
 #pragma GCC unroll 6
           for (int l = 0; l < 6; ++l) apply(B, &in[0][l], 6, &tmp[0][l], 6);
 #pragma GCC unroll 6
