@@ -324,6 +324,29 @@ def test_rbf_codes_random_replaces_the_bitmaps(mnist, tmp_path):
     assert not torch.equal(model.output.prototypes, rbf_prototypes())
 
 
+def test_lecun_init_sqrt_draws_from_the_wider_range():
+    """--lecun-init sqrt draws every weight and bias from +-2.4/sqrt(F) instead of appendix A's +-2.4/F."""
+    ranges = {}
+    for init in ("paper", "sqrt"):
+        torch.manual_seed(0)
+        model = create_model("lenet5-1998", init=init)
+        ranges[init] = {name: p.abs().max().item() for name, p in model.named_parameters()}
+    fan_in = {"C1": 25, "S2": 4, "S4": 4, "C5": 400, "F6": 120}
+    for name, largest in ranges["paper"].items():
+        layer = name.split(".")[0]
+        if layer in fan_in:  # C3's fan-in differs per map (75, 100 or 150); bounded by its smallest below
+            assert largest <= 2.4 / fan_in[layer]
+            assert ranges["sqrt"][name] <= 2.4 / fan_in[layer] ** 0.5
+            assert ranges["sqrt"][name] > 2.4 / fan_in[layer]  # so the range really widened
+    assert ranges["paper"]["C3.weight"] <= 2.4 / 75 < ranges["sqrt"]["C3.weight"] <= 2.4 / 75**0.5
+    assert ranges["sqrt"]["C5.weight"] > 0.9 * 2.4 / 20  # 48,000 draws come close to the bound
+    with pytest.raises(ValueError, match="init must be one of paper, sqrt"):
+        create_model("lenet5-1998", init="xavier")
+    with pytest.raises(ConfigError, match="--lecun-init is lenet5-1998's initialisation"):
+        TrainConfig(model="lenet5", lecun_init="sqrt").validate()
+    assert TrainConfig(model="lenet5-1998", lecun_init="sqrt").model_args() == {"init": "sqrt"}
+
+
 def test_reproduce_resume_refuses_what_it_cannot_continue(mnist_dir, tmp_path, capsys):
     """A plain training run was resumed as a reproduction (its options ignored, then a crash in the
     report), options given with --resume were silently ignored, and a damaged seeds.json was a traceback."""

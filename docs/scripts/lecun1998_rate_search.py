@@ -75,6 +75,10 @@ CANDIDATES = {
     "capped at 2e-5, j = 3, random codes": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --rbf-codes random", range(5)),
     "capped at 2e-5, 10 sweeps a pass, distortions x 0.5 on 90% of the digits, j = 3": (
         f"{CAPPED} --lr 2e-5 --distort --distort-strength 0.5 --distort-share 0.9 --epoch-repeats 10 --rbf-j 3", range(2)),
+    # the paper's own rates for all 20 passes: they train from +-2.4/sqrt(F), not from appendix A's +-2.4/F
+    "the paper's rates, j = 3 (the paper as printed)": (f"{PAPER} --lr 5e-4 --rbf-j 3", range(1)),
+    "the paper's rates, j = 3, init 2.4/sqrt(F)": (f"{PAPER} --lr 5e-4 --rbf-j 3 --lecun-init sqrt", range(5)),
+    "capped at 2e-5, j = 3, init 2.4/sqrt(F)": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --lecun-init sqrt", range(5)),
 }
 
 

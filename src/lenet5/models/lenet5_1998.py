@@ -168,6 +168,9 @@ DIGIT_BITMAPS = {
 
 
 RBF_CODES = ("bitmaps", "random")  # the output's fixed codes: the paper's digit bitmaps, or random +-1 codes
+# Appendix A's initial range 2.4/F as printed ("paper"), or 2.4/sqrt(F) ("sqrt"), the reading under which the
+# paper's global rate trains (docs/lenet5-1998.md, "The paper's learning rate"): the exponent of F.
+INITS = {"paper": 1.0, "sqrt": 0.5}
 
 
 def rbf_prototypes() -> torch.Tensor:
@@ -196,21 +199,22 @@ def squash(a: torch.Tensor) -> torch.Tensor:
     return A * tanh(S * a)
 
 
-def lecun_uniform_(tensor: torch.Tensor, fan_in: int) -> None:
-    """Appendix A: uniform in [-2.4/F, 2.4/F], F the number of inputs of the unit."""
-    nn.init.uniform_(tensor, -2.4 / fan_in, 2.4 / fan_in)
+def lecun_uniform_(tensor: torch.Tensor, fan_in: int, power: float = 1.0) -> None:
+    """Appendix A: uniform in [-2.4/F, 2.4/F], F the number of inputs of the unit (2.4/F**power)."""
+    bound = 2.4 / fan_in**power
+    nn.init.uniform_(tensor, -bound, bound)
 
 
 class Subsampling(nn.Module):
     """S2 and S4: the sum of each non-overlapping 2x2 block, times a trainable coefficient,
     plus a trainable bias, one pair per feature map (section II.B)."""
 
-    def __init__(self, maps: int):
+    def __init__(self, maps: int, power: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(maps))
         self.bias = nn.Parameter(torch.empty(maps))
-        lecun_uniform_(self.weight, 4)
-        lecun_uniform_(self.bias, 4)
+        lecun_uniform_(self.weight, 4, power)
+        lecun_uniform_(self.bias, 4, power)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block_sum = F.avg_pool2d(x, 2) * 4  # (B, maps, H/2, W/2)
@@ -225,7 +229,7 @@ class SparseConv2d(nn.Module):
     with zeros elsewhere for one ordinary conv2d call.
     """
 
-    def __init__(self, table: tuple[tuple[int, ...], ...], in_maps: int, kernel_size: int):
+    def __init__(self, table: tuple[tuple[int, ...], ...], in_maps: int, kernel_size: int, power: float = 1.0):
         super().__init__()
         self.table, self.in_maps, self.kernel_size = table, in_maps, kernel_size
         pairs = [(o, i) for o, inputs in enumerate(table) for i in inputs]
@@ -234,9 +238,9 @@ class SparseConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(len(table)))
         fan_in = [len(table[o]) * kernel_size**2 for o, _ in pairs]
         for k, fan in enumerate(fan_in):
-            lecun_uniform_(self.weight.data[k], fan)
+            lecun_uniform_(self.weight.data[k], fan, power)
         for o, inputs in enumerate(table):
-            lecun_uniform_(self.bias.data[o:o + 1], len(inputs) * kernel_size**2)
+            lecun_uniform_(self.bias.data[o:o + 1], len(inputs) * kernel_size**2, power)
 
     def dense_kernel(self) -> torch.Tensor:
         k = self.kernel_size
@@ -268,7 +272,7 @@ class LeNet5_1998(DigitClassifier):
     display_shapes = {"F6": (12, 7)}  # the 7x12 bitmap that the RBF output compares F6 with
     label_smoothing_ok = False  # eq. 9 is not a cross-entropy over logits
 
-    def __init__(self, j: float = 0.1, num_classes: int = 10, codes: str | None = None):
+    def __init__(self, j: float = 0.1, num_classes: int = 10, codes: str | None = None, init: str = "paper"):
         super().__init__()
         if j <= 0:
             raise ValueError("j, the 'rubbish class' constant of eq. 9, must be positive")
@@ -278,11 +282,14 @@ class LeNet5_1998(DigitClassifier):
             raise ValueError(f"the RBF bitmaps are of the ten digits; {num_classes} classes get random codes")
         if not 2 <= num_classes <= 1000:
             raise ValueError(f"num_classes must be 2 to 1000, got {num_classes}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        power = INITS[init]
         self.j = j
         self.C1 = nn.Conv2d(1, 6, 5)  # (B, 6, 28, 28)
-        self.S2 = Subsampling(6)  # (B, 6, 14, 14)
-        self.C3 = SparseConv2d(C3_TABLE, 6, 5)  # (B, 16, 10, 10)
-        self.S4 = Subsampling(16)  # (B, 16, 5, 5)
+        self.S2 = Subsampling(6, power)  # (B, 6, 14, 14)
+        self.C3 = SparseConv2d(C3_TABLE, 6, 5, power)  # (B, 16, 10, 10)
+        self.S4 = Subsampling(16, power)  # (B, 16, 5, 5)
         self.C5 = nn.Conv2d(16, 120, 5)  # (B, 120, 1, 1): a convolution, so larger inputs still work
         self.F6 = nn.Linear(120, 84)
         # Ten classes get the paper's digit bitmaps (for another ten-class set they are just ten
@@ -290,8 +297,8 @@ class LeNet5_1998(DigitClassifier):
         bitmaps = num_classes == 10 and codes != "random"
         self.output = EuclideanRBF(rbf_prototypes() if bitmaps else random_prototypes(num_classes))
         for layer, fan_in in ((self.C1, 25), (self.C5, 16 * 25), (self.F6, 120)):
-            lecun_uniform_(layer.weight, fan_in)
-            lecun_uniform_(layer.bias, fan_in)
+            lecun_uniform_(layer.weight, fan_in, power)
+            lecun_uniform_(layer.bias, fan_in, power)
 
     @staticmethod
     def input_transform(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from lenet5.data.augment import check_augment
 from lenet5.data.catalog import check_dataset_name, dataset_names
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
-from lenet5.models.lenet5_1998 import RBF_CODES
+from lenet5.models.lenet5_1998 import INITS, RBF_CODES
 
 # Settings of the machine a run happens to use, not of the run: `--resume` may change them.
 HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
@@ -66,6 +66,10 @@ class TrainConfig:
         "lenet5-1998: the RBF output's fixed codes, the paper's 7x12 digit bitmaps or random +-1 codes (section "
         "II.B allows either; default: bitmaps for ten classes, random codes for any other count)",
         choices=RBF_CODES))
+    lecun_init: str | None = field(default=None, metadata=_opt(
+        "lenet5-1998: the initial weights, uniform in +-2.4/F as appendix A prints it (paper, the default) or in "
+        "+-2.4/sqrt(F) (sqrt: the reading under which the paper's rate 0.0005 trains; it ends worse, see "
+        "docs/lenet5-1998.md)", choices=tuple(INITS)))
     hessian_samples: int = field(default=500, metadata=_opt(
         "SDLM: training samples for the Hessian estimate before each pass (paper: 500)"))
     schedule: str = field(default="constant", metadata=_opt(
@@ -214,6 +218,11 @@ class TrainConfig:
         if self.rbf_codes is not None and self.model != "lenet5-1998":
             raise ConfigError(f"--rbf-codes are the fixed codes of lenet5-1998's RBF output; {self.model} has none "
                               f"(drop --rbf-codes, or use --model lenet5-1998; a --config file may have carried it)")
+        if self.lecun_init is not None and self.model != "lenet5-1998":
+            raise ConfigError(f"--lecun-init is lenet5-1998's initialisation (appendix A); {self.model} has its own "
+                              f"(drop --lecun-init, or use --model lenet5-1998; a --config file may have carried it)")
+        if self.lecun_init not in (None, *INITS):
+            raise ConfigError(f"--lecun-init must be one of {', '.join(INITS)}, got {self.lecun_init!r}")
         if self.rbf_codes not in (None, *RBF_CODES):
             raise ConfigError(f"--rbf-codes must be one of {', '.join(RBF_CODES)}, got {self.rbf_codes!r}")
         if self.rbf_j is not None and not 0 < self.rbf_j <= 100:
@@ -228,7 +237,8 @@ class TrainConfig:
 
     def model_args(self) -> dict[str, Any]:
         """The keyword arguments of `create_model` that come from options (besides the class count)."""
-        return {k: v for k, v in (("j", self.rbf_j), ("codes", self.rbf_codes)) if v is not None}
+        pairs = (("j", self.rbf_j), ("codes", self.rbf_codes), ("init", self.lecun_init))
+        return {k: v for k, v in pairs if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
