@@ -773,3 +773,33 @@ def test_models_train_the_same_with_every_native_kernel(kernels, mnist, name):
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+def test_a_library_of_several_units_is_built_whole_or_refused(kernels, tmp_path, monkeypatch):
+    """The kernels' library is compiled as several units at once and linked (lenet5.native.build):
+    every unit's functions are in it, its header is part of the cache key, and a unit that does not
+    compile is a BuildError naming the compiler's complaint, with no object file or library left."""
+    import ctypes
+
+    from lenet5.native import build
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    header, first, second = tmp_path / "twice.h", tmp_path / "first.cpp", tmp_path / "second.cpp"
+    header.write_text("#pragma once\ninline int twice(int x) { return 2 * x; }\n")
+    first.write_text('#include "twice.h"\nextern "C" int lenet5_first() { return twice(1); }\n')
+    second.write_text('#include "twice.h"\nextern "C" int lenet5_second() { return twice(20); }\n')
+    monkeypatch.setitem(build.UNITS, first, (first, second))
+    monkeypatch.setattr(build, "HEADERS", (header,))
+
+    library = build.library(source=first, parallel=False)
+    lib = ctypes.CDLL(str(library))
+    assert (lib.lenet5_first(), lib.lenet5_second()) == (2, 40)
+    assert build.library(source=first, parallel=False) == library  # cached
+    header.write_text("#pragma once\ninline int twice(int x) { return x + x; }\n")
+    assert build.library(source=first, parallel=False) != library  # a changed header is a new build
+
+    second.write_text('#include "twice.h"\nextern "C" int lenet5_second() { return twice(undeclared); }\n')
+    with pytest.raises(BuildError, match=r"failed \(exit \d+\): .*undeclared"):
+        build.library(source=first, parallel=False)
+    built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert len(built) == 2 and all(name == "lenet5_first.so" for name in built), built
