@@ -106,10 +106,11 @@ def _build(cxx: str, march: str, units: tuple[Path, ...], output: Path, openmp: 
     """Compile every unit to an object file, all at once (one compiler process each), then link them
     into the shared library `output`; (exit status, error output) of the first step that failed, or (0, "")."""
     objects = [output.with_name(f"{output.name}.{unit.stem}.o") for unit in units]
+    compilers: list[subprocess.Popen] = []
     try:
-        compilers = [subprocess.Popen([cxx, *_flags(march, openmp), "-c", str(unit), "-o", str(obj)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                     for unit, obj in zip(units, objects)]
+        for unit, obj in zip(units, objects):
+            compilers.append(subprocess.Popen([cxx, *_flags(march, openmp), "-c", str(unit), "-o", str(obj)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         failed = (0, "")
         for process in compilers:
             _, err = process.communicate()
@@ -121,6 +122,10 @@ def _build(cxx: str, march: str, units: tuple[Path, ...], output: Path, openmp: 
                               capture_output=True, text=True)
         return done.returncode, done.stderr
     finally:
+        for process in compilers:  # none left running (one could not start, or Ctrl-C) before the cleanup
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         for obj in objects:
             obj.unlink(missing_ok=True)
 
