@@ -803,3 +803,22 @@ def test_a_library_of_several_units_is_built_whole_or_refused(kernels, tmp_path,
         build.library(source=first, parallel=False)
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
     assert len(built) == 2 and all(name == "lenet5_first.so" for name in built), built
+
+
+def test_every_source_the_build_reads_ships_with_the_package():
+    """An installed lenet5 compiles its kernels from the sources in its package: each unit and header
+    the build reads must match pyproject.toml's package data (kernels.h once did not)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from lenet5.native import build, sdlm_pass
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lenet5"]
+    package = Path(build.__file__).resolve().parents[1]
+    needed = {*(unit for units in build.UNITS.values() for unit in units), *build.HEADERS, sdlm_pass.SOURCE}
+    for path in needed:
+        assert path.is_file(), path
+        relative = path.resolve().relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), f"{relative} is not package data"
