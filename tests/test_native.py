@@ -822,3 +822,35 @@ def test_every_source_the_build_reads_ships_with_the_package():
         assert path.is_file(), path
         relative = path.resolve().relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), f"{relative} is not package data"
+
+
+@pytest.mark.parametrize("name, penalise", [("keras-lenet", "input"), ("keras-lenet", "weight"), ("lenet5", "input")])
+def test_a_gradient_penalty_differentiates_through_the_kernels(kernels, mnist, monkeypatch, name, penalise):
+    """A gradient penalty differentiates a backward pass (create_graph=True). The kernels' backward
+    is differentiable once, so then each native layer recomputes itself with PyTorch's ops: the
+    penalised step's gradients are PyTorch's but for rounding (it failed before). With respect to the
+    input: ReLU+pooling, Winograd with its pooling, or conv+tanh+pool; to the first weight: the
+    one-channel kernel (which takes inputs that need no gradient)."""
+    calls = []
+    recompute = native._backward_with_graph
+    monkeypatch.setattr(native, "_backward_with_graph", lambda *args: calls.append(1) or recompute(*args))
+    torch.manual_seed(0)
+    model = create_model(name).to(memory_format=torch.channels_last)
+    x, y = to_model_input(mnist.train.images[:16]), mnist.train.labels[:16]
+    first = model.features[0]
+    runs = []
+    for context in (contextlib.nullcontext(), native.disabled()):
+        model.zero_grad()
+        given = x.clone().requires_grad_(penalise == "input")
+        with context:
+            loss = model.loss(model(given), y)
+        wrt = given if penalise == "input" else first.weight
+        (g,) = torch.autograd.grad(loss, wrt, create_graph=True)
+        (loss + 10 * g.pow(2).sum()).backward()
+        runs.append([p.grad.clone() for p in model.parameters()])
+        if not calls:  # the first run must have gone through the kernels' differentiable backward
+            pytest.fail("no native layer computed the double backward")
+    native_grads, pytorch_grads = runs
+    for a, b in zip(native_grads, pytorch_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+    assert any(b.abs().max() > 0 for b in pytorch_grads)

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from lenet5.native.build import BuildError, library
 
@@ -405,19 +405,33 @@ def disabled() -> Iterator[None]:
         _disabled.on = before
 
 
+def _backward_with_graph(ctx, grad: torch.Tensor, layer, inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """A backward pass that is itself differentiable, for a double backward (`create_graph=True`,
+    e.g. a gradient penalty; grad mode is then on inside backward): `layer` recomputed by PyTorch's
+    ops from the saved `inputs` and its gradients taken with a graph. The kernels' own backward is
+    differentiable once only; this path runs only when a second derivative is asked for."""
+    needs = ctx.needs_input_grad[:len(inputs)]
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    out = layer(*inputs)
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True)) if wanted else iter(())
+    return tuple(next(grads) if need else None for need in needs) + (None,) * (len(ctx.needs_input_grad) - len(inputs))
+
+
 class _ConvTanhPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding: int, save: bool):
         out, xsave, ssave = _ops().conv_tanh_pool_forward(x, weight, bias, padding, save)
-        ctx.save_for_backward(xsave, ssave, weight)
+        ctx.save_for_backward(xsave, ssave, weight, x, bias)
         ctx.shape = (x.shape[2], x.shape[3], padding)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        xsave, ssave, weight = ctx.saved_tensors
+        xsave, ssave, weight, x, bias = ctx.saved_tensors
         h, w, padding = ctx.shape
+        if torch.is_grad_enabled():
+            return _backward_with_graph(ctx, grad, lambda x, w, b: F.avg_pool2d(torch.tanh(F.conv2d(x, w, b, padding=padding)), 2),
+                                        (x, weight, bias))
         gx, gw, gb = _ops().conv_tanh_pool_backward(grad, xsave, ssave, weight, h, w, padding,
                                                     ctx.needs_input_grad[0])
         return (gx if ctx.needs_input_grad[0] else None), gw, gb, None, None
@@ -452,13 +466,14 @@ class _ReluMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         y, which = _ops().relu_max_pool_forward(x)
-        ctx.save_for_backward(which)
+        ctx.save_for_backward(which, x)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        (which,) = ctx.saved_tensors
+        which, x = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _backward_with_graph(ctx, grad, lambda x: F.relu(F.max_pool2d(x, 2)), (x,))
         # the next layer's gradient may come back in another layout (a flatten reads NCHW order)
         return _ops().relu_max_pool_backward(grad.contiguous(memory_format=torch.channels_last), which)
 
@@ -497,18 +512,23 @@ WINOGRAD_MAX_CHANNELS, WINOGRAD_MAX_TILES = 128, 1024
 
 class _WinogradConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pad: int, pool: bool):
-        x = x.contiguous(memory_format=torch.channels_last)
+    def forward(ctx, given, weight, bias, pad: int, pool: bool):
+        x = given.contiguous(memory_format=torch.channels_last)
         u, ut = _ops().winograd_weight(weight)
         y, which = _ops().winograd_forward(x, u, ut, bias, pad, pool)
-        ctx.save_for_backward(x, u, ut, weight, *([which] if pool else []))
-        ctx.pad = pad
+        # `given` too: a double backward differentiates through the input itself, not a copy of it
+        ctx.save_for_backward(x, u, ut, weight, bias, given, *([which] if pool else []))
+        ctx.pad, ctx.pool = pad, pool
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        x, u, ut, weight, *which = ctx.saved_tensors
+        x, u, ut, weight, bias, given, *which = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            def layer(x, w, b):
+                y = F.conv2d(x, w, b, padding=ctx.pad)
+                return F.relu(F.max_pool2d(y, 2)) if ctx.pool else y
+            return _backward_with_graph(ctx, grad, layer, (given, weight, bias))
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx, dw, db = _ops().winograd_backward(x, grad, u, ut, weight, ctx.pad, ctx.needs_input_grad[0],
                                               which[0] if which else None)
@@ -542,14 +562,16 @@ class _SingleConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pad: int):
         y, which = _ops().single_conv_pool_forward(x, weight, bias, pad)
-        ctx.save_for_backward(x, which, weight)
+        ctx.save_for_backward(x, which, weight, bias)
         ctx.pad = pad
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        x, which, weight = ctx.saved_tensors
+        x, which, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _backward_with_graph(ctx, grad, lambda x, w, b: F.relu(F.max_pool2d(F.conv2d(x, w, b, padding=ctx.pad), 2)),
+                                        (x, weight, bias))
         gw, gb = _ops().single_conv_pool_backward(x, grad.contiguous(memory_format=torch.channels_last), which,
                                                   weight, ctx.pad)
         return None, gw, gb, None
