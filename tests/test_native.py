@@ -854,3 +854,33 @@ def test_a_gradient_penalty_differentiates_through_the_kernels(kernels, mnist, m
     for a, b in zip(native_grads, pytorch_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
     assert any(b.abs().max() > 0 for b in pytorch_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_differentiable_unpooling_is_the_kernels_backward(kernels, dtype):
+    """A double backward through ReLU+pooling unpools with PyTorch's ops from `which` alone (the
+    forward keeps no input for it): the same gradient as the kernel's backward, bit for bit, ties and
+    ReLU-blocked windows included."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 20, 12, 14).round().to(dtype).contiguous(memory_format=torch.channels_last)  # ties, zeros
+    _, which = native._ops().relu_max_pool_forward(x)
+    grad = torch.randn(5, 20, 6, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    expected = native._ops().relu_max_pool_backward(grad, which)
+    got = native._unpool(grad, which)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, expected)
+    index = which.view(torch.int16) if dtype == torch.bfloat16 else which
+    assert (index == 4).any() and (index < 4).any()  # both kinds of window were there
+
+
+def test_a_failed_build_is_reported_by_the_line_that_names_the_problem():
+    from lenet5.native.build import _complaint
+
+    compiler = ("In file included from /home/me/error-analysis/kernels.cpp:20:\n"
+                "/home/me/error-analysis/kernels.h:3:5: error: 'foo' was not declared in this scope\n"
+                "    3 | foo\n      | ^~~\n")
+    assert _complaint(compiler) == "/home/me/error-analysis/kernels.h:3:5: error: 'foo' was not declared in this scope"
+    linker = "/usr/bin/ld: cannot find -lgomp: No such file or directory\ncollect2: error: ld returned 1 exit status\n"
+    assert _complaint(linker) == "/usr/bin/ld: cannot find -lgomp: No such file or directory"
+    assert _complaint("something odd\nlast line\n") == "last line"
+    assert _complaint("") == "no output"

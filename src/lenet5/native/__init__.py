@@ -412,7 +412,8 @@ def _backward_with_graph(ctx, grad: torch.Tensor, layer, inputs: tuple[torch.Ten
     differentiable once only; this path runs only when a second derivative is asked for."""
     needs = ctx.needs_input_grad[:len(inputs)]
     wanted = [t for t, need in zip(inputs, needs) if need]
-    out = layer(*inputs)
+    with torch.autocast("cpu", enabled=False):  # the forward pass ran in float32, whatever the caller's autocast
+        out = layer(*inputs)
     grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True)) if wanted else iter(())
     return tuple(next(grads) if need else None for need in needs) + (None,) * (len(ctx.needs_input_grad) - len(inputs))
 
@@ -466,16 +467,27 @@ class _ReluMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         y, which = _ops().relu_max_pool_forward(x)
-        ctx.save_for_backward(which, x)
+        ctx.save_for_backward(which)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        which, x = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _backward_with_graph(ctx, grad, lambda x: F.relu(F.max_pool2d(x, 2)), (x,))
+        (which,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward: see _unpool
+            return _unpool(grad, which)
         # the next layer's gradient may come back in another layout (a flatten reads NCHW order)
         return _ops().relu_max_pool_backward(grad.contiguous(memory_format=torch.channels_last), which)
+
+
+def _unpool(grad: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """relu_max_pool_backward in PyTorch's ops, differentiable: each output's gradient to the input
+    its window's `which` names (0-3, row by row; 4: none). It is linear in `grad` and, almost
+    everywhere, constant in the input, so a double backward needs `which` only, not the input (which
+    the forward pass would otherwise have to keep alive)."""
+    index = which.view(torch.int16) if which.dtype == torch.bfloat16 else which  # the bits are the integer
+    n, c, oh, ow = grad.shape
+    tiles = torch.stack([grad * (index == k) for k in range(4)], -1).view(n, c, oh, ow, 2, 2)
+    return tiles.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * oh, 2 * ow).contiguous(memory_format=torch.channels_last)
 
 
 def relu_max_pool_applies(x: torch.Tensor) -> bool:

@@ -96,10 +96,16 @@ def _flags(march: str, openmp: list[str] = ()) -> list[str]:
 
 
 def _complaint(errors: str) -> str:
-    """The line of a compiler's output that says what went wrong: its first error, else its last line
-    (GCC ends an error with the source line and a caret, which name nothing)."""
+    """The line of a compiler's output that says what went wrong: its first error (": error:", "fatal
+    error"), else the linker's own line ("ld: cannot find -lgomp", not collect2's summary after it),
+    else its last line (GCC ends an error with the source line and a caret, which name nothing)."""
     lines = [line.strip() for line in errors.strip().splitlines() if line.strip()]
-    return next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
+    own = [line for line in lines if not line.startswith("collect2")]
+    for wanted in (lambda line: ": error:" in line or "fatal error" in line, lambda line: "ld:" in line):
+        found = next((line for line in own if wanted(line)), None)
+        if found:
+            return found
+    return lines[-1] if lines else "no output"
 
 
 def _build(cxx: str, march: str, units: tuple[Path, ...], output: Path, openmp: list[str] = ()) -> tuple[int, str]:
