@@ -783,7 +783,7 @@ def test_a_library_of_several_units_is_built_whole_or_refused(kernels, tmp_path,
 
     from lenet5.native import build
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "user_cache_dir", lambda name: str(tmp_path / "cache" / name))  # any OS
     header, first, second = tmp_path / "twice.h", tmp_path / "first.cpp", tmp_path / "second.cpp"
     header.write_text("#pragma once\ninline int twice(int x) { return 2 * x; }\n")
     first.write_text('#include "twice.h"\nextern "C" int lenet5_first() { return twice(1); }\n')
