@@ -486,7 +486,7 @@ def _unpool(grad: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
     the forward pass would otherwise have to keep alive)."""
     index = which.view(torch.int16) if which.dtype == torch.bfloat16 else which  # the bits are the integer
     n, c, oh, ow = grad.shape
-    tiles = torch.stack([grad * (index == k) for k in range(4)], -1).view(n, c, oh, ow, 2, 2)
+    tiles = torch.stack([grad * (index == k) for k in range(4)], -1).reshape(n, c, oh, ow, 2, 2)
     return tiles.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * oh, 2 * ow).contiguous(memory_format=torch.channels_last)
 
 
