@@ -438,20 +438,29 @@ class _ConvTanhPool(torch.autograd.Function):
         return (gx if ctx.needs_input_grad[0] else None), gw, gb, None, None
 
 
+def _watched() -> bool:
+    """Whether a tracer, exporter, compiler, autocast or torch.func transform watches: standard ops only."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
+        or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
+        or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _plain_5x5(conv: nn.Conv2d) -> bool:
+    p = conv.padding
+    return conv.bias is not None and conv.kernel_size == (5, 5) and conv.stride == (1, 1) \
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" \
+        and not isinstance(p, str) and p[0] == p[1]
+
+
 def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether the native kernel can compute pool(tanh(conv(x))) for this input and layer."""
     if getattr(_disabled, "on", False):
         return False
     if x.dim() != 4 or conv.bias is None or not _cpu_float32(x, conv.weight, conv.bias):
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
-            or torch._C._functorch.peek_interpreter_stack() is not None:
+    if _watched() or not _plain_5x5(conv):
         return False
-    k, p = conv.kernel_size, conv.padding
-    if conv.bias is None or k != (5, 5) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
-            or conv.padding_mode != "zeros" or isinstance(p, str) or p[0] != p[1]:
-        return False
+    p = conv.padding
     out_h, out_w = x.shape[2] + 2 * p[0] - 4, x.shape[3] + 2 * p[0] - 4
     return out_h > 0 and out_w > 0 and out_h % 2 == 0 and out_w % 2 == 0 and available()
 
@@ -557,15 +566,11 @@ def winograd_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             or not WINOGRAD_MIN_CHANNELS <= x.shape[1] <= WINOGRAD_MAX_CHANNELS \
             or conv.out_channels > WINOGRAD_MAX_CHANNELS or x.shape[0] == 0:
         return False
-    p = conv.padding
-    if conv.kernel_size != (5, 5) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1 \
-            or conv.padding_mode != "zeros" or isinstance(p, str) or p[0] != p[1] \
-            or x.shape[2] + 2 * p[0] < 5 or x.shape[3] + 2 * p[0] < 5 \
-            or ((x.shape[2] + 2 * p[0] - 3) // 2) * ((x.shape[3] + 2 * p[0] - 3) // 2) > WINOGRAD_MAX_TILES:
+    if not _plain_5x5(conv) or _watched():
         return False
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
-            or torch._C._functorch.peek_interpreter_stack() is not None:
+    p = conv.padding
+    if x.shape[2] + 2 * p[0] < 5 or x.shape[3] + 2 * p[0] < 5 \
+            or ((x.shape[2] + 2 * p[0] - 3) // 2) * ((x.shape[3] + 2 * p[0] - 3) // 2) > WINOGRAD_MAX_TILES:
         return False
     return available()
 
@@ -587,20 +592,6 @@ class _SingleConvPool(torch.autograd.Function):
         gw, gb = _ops().single_conv_pool_backward(x, grad.contiguous(memory_format=torch.channels_last), which,
                                                   weight, ctx.pad)
         return None, gw, gb, None
-
-
-def _watched() -> bool:
-    """Whether a tracer, exporter, compiler, autocast or torch.func transform watches: standard ops only."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
-        or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") \
-        or torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _plain_5x5(conv: nn.Conv2d) -> bool:
-    p = conv.padding
-    return conv.bias is not None and conv.kernel_size == (5, 5) and conv.stride == (1, 1) \
-        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros" \
-        and not isinstance(p, str) and p[0] == p[1]
 
 
 def single_conv_pool_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
