@@ -152,11 +152,12 @@ def test_the_bf16_probe_is_measured_once_per_machine_and_cached(monkeypatch, tmp
         again = hardware.bf16_probe()
         assert calls == [1] and not first.cached and again.cached and again.speedup == 2.0
         [saved] = (tmp_path / "lenet5" / "machine").glob("bf16-probe-v*.json")
-        assert json.loads(saved.read_text())["bf16_ms"] == 6.0
+        assert json.loads(saved.read_text())["times"]["bf16_ms"] == 6.0
         assert hardware.probe_used()["speedup"] == 2.0  # for run.json
-        for damaged in ("{not json", '{"fp32_ms": Infinity, "bf16_ms": 1}', '{"fp32_ms": true, "bf16_ms": 1}',
-                        '{"fp32_ms": "3", "bf16_ms": 1}', '{"fp32_ms": 0, "bf16_ms": 1}', "[" * 100_000,
-                        '{"fp32_ms": 1e308, "bf16_ms": 1}', "[]"):
+        for damaged in ("{not json", '{"times": {"fp32_ms": Infinity, "bf16_ms": 1}}', '{"times": {"fp32_ms": 1}}',
+                        '{"times": {"fp32_ms": true, "bf16_ms": 1}}', '{"times": {"fp32_ms": "3", "bf16_ms": 1}}',
+                        '{"times": {"fp32_ms": 0, "bf16_ms": 1}}', "[" * 100_000, '{"times": [1, 2]}',
+                        '{"times": {"fp32_ms": 1e308, "bf16_ms": 1}}', "[]", '{"fp32_ms": 1, "bf16_ms": 1}'):
             saved.write_text(damaged)  # measured again, not a traceback nor a silly choice
             hardware.bf16_probe.cache_clear()
             calls.clear()

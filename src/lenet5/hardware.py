@@ -164,8 +164,8 @@ def _cgroup_quota() -> float | None:
 
 BF16_CLASSES = ("amx", "avx512-bf16")  # the classes whose flags promise native bf16 arithmetic
 BF16_MIN_SPEEDUP = 1.2  # bf16 is chosen over fp32 only where the probe runs it at least this much faster
-_PROBE_VERSION = 2  # bump when the probe's workload changes: older cached results are then ignored
-# (2: the fp32 pass by the native Winograd kernel, as training runs it since)
+_PROBE_VERSION = 3  # bump when the probe's workload changes: older cached results are then ignored
+# (2: the fp32 pass by the native Winograd kernel, as training runs it since; 3: the file's layout, cached_probe's)
 
 
 @dataclass(frozen=True)
@@ -197,17 +197,53 @@ class Bf16Probe:
                 "cached": self.cached, "file": str(_probe_cache_file())}
 
 
-def _probe_cache_file() -> Path:
-    """Where this machine's probe result is kept: one file per CPU, flag set, usable core count, torch
-    version and emulation caps (each changes the answer)."""
+def _probe_cache_file(name: str = "bf16-probe", version: int = _PROBE_VERSION) -> Path:
+    """Where this machine's result of the probe `name` is kept: one file per CPU, flag set, usable core
+    count, torch version and emulation caps (each changes the answer)."""
     caps = [f"{k}={os.environ.get(k, '')}" for k in sorted({k for env in EMULATE.values() for k in env}
                                                            | {"DNNL_MAX_CPU_ISA"})]
     key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), str(usable_cores()), torch.__version__, *caps])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"bf16-probe-v{_PROBE_VERSION}-{digest}.json"
+    return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"{name}-v{version}-{digest}.json"
 
 
-def _best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) -> float:
+def cached_probe(name: str, version: int, fields: tuple[str, ...],
+                 measure: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+    """This machine's timings `fields` by `measure` (each within 1e-3..1e5), read from the machine's
+    cache or measured once and kept there; and whether they were read. A missing, damaged or implausible
+    file is measured again. Processes asking at once (torchrun's) measure once: the others read."""
+    path = _probe_cache_file(name, version)
+    saved = _read_times(path, fields)
+    if saved:
+        return saved, True
+    with _probe_lock(path):
+        saved = _read_times(path, fields)
+        if saved:
+            return saved, True
+        times = measure()
+        try:
+            from lenet5.fileio import atomic_write_json
+
+            atomic_write_json(path, {"times": times, "cpu": cpu_model(), "torch": torch.__version__})
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    return times, False
+
+
+def _read_times(path: Path, fields: tuple[str, ...]) -> dict[str, float] | None:
+    try:
+        if path.stat().st_size > 4096:
+            return None
+        saved = json.loads(path.read_text())["times"]
+        times = [saved[f] for f in fields]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    if not all(type(t) in (int, float) and math.isfinite(t) and 1e-3 <= t <= 1e5 for t in times):
+        return None  # booleans, strings, NaN, infinities, absurd times
+    return {f: float(t) for f, t in zip(fields, times)}
+
+
+def best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) -> float:
     """The fastest of repeated calls of `run` over about `seconds` (at least `at_least` of them),
     after one warm-up call (thread pool, oneDNN's kernels for the shape)."""
     run()
@@ -238,7 +274,7 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
                 y = native.conv5x5(x, conv)
             y.float().square().mean().backward()
 
-    return _best_seconds(one, seconds, at_least=3) * 1e3
+    return best_seconds(one, seconds, at_least=3) * 1e3
 
 
 def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
@@ -260,37 +296,12 @@ def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
 def bf16_probe() -> Bf16Probe:
     """This machine's bf16 probe: read from the cache, or measured once (about 0.6 s) and cached. Only
     asked where the flags promise native bf16; emulated bf16 is known to be slow without it."""
-    path = _probe_cache_file()
-    saved = _read_probe(path)
-    if saved:
-        return saved
-    with _probe_lock(path):  # torchrun's processes on one machine: one measures, the others read its result
-        saved = _read_probe(path)
-        if saved:
-            return saved
+    def measure() -> dict[str, float]:
         probe = measure_bf16()
-        try:
-            from lenet5.fileio import atomic_write_json
+        return {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms}
 
-            atomic_write_json(path, {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms, "cpu": cpu_model(),
-                                     "torch": torch.__version__})
-        except OSError:
-            pass  # a read-only cache: measure again next time
-    return probe
-
-
-def _read_probe(path: Path) -> Bf16Probe | None:
-    """The cached result, or None for a missing, damaged or implausible file (then it is measured again)."""
-    try:
-        if path.stat().st_size > 4096:
-            return None
-        saved = json.loads(path.read_text())
-        times = [saved["fp32_ms"], saved["bf16_ms"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-    if not all(type(t) in (int, float) and math.isfinite(t) and 1e-3 <= t <= 1e5 for t in times):
-        return None  # booleans, strings, NaN, infinities, absurd times
-    return Bf16Probe(float(times[0]), float(times[1]), cached=True)
+    times, cached = cached_probe("bf16-probe", _PROBE_VERSION, ("fp32_ms", "bf16_ms"), measure)
+    return Bf16Probe(times["fp32_ms"], times["bf16_ms"], cached=cached)
 
 
 @contextlib.contextmanager
@@ -367,7 +378,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: f
     """The machine's matrix-product rate in FLOP/s, in this process with its threads: the best of
     repeated size^3 products over about `seconds` (the compute limit every share of peak refers to)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    return 2 * size ** 3 / _best_seconds(lambda: a @ b, seconds)
+    return 2 * size ** 3 / best_seconds(lambda: a @ b, seconds)
 
 
 def probe_used() -> dict | None:

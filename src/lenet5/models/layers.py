@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lenet5 import native
+from lenet5 import hardware, native
 
 
 class _SigmoidTanh(torch.autograd.Function):
     """tanh(x) = 2 sigmoid(2x) - 1, with the derivative 1 - y^2 taken from the saved output.
 
-    Speed trick: PyTorch's CPU tanh and tanh_backward kernels are slow (about 1 ms forward and
-    0.8 ms backward on 602k floats here, 30x an elementwise multiply), while sigmoid is fast.
-    This pair of kernels is 3.4x faster forward + backward on LeNet-5's C1 activations
-    (128x6x28x28, 2 cores) and agrees with torch.tanh to 2e-7. Written in the
-    forward/setup_context form so that torch.func transforms (vmap, vjp) work through it.
+    Where PyTorch's CPU tanh is slow. Its forward is MKL's vector tanh, which was slow on the
+    2-core AMD EPYC of the first measurements (about 1 ms forward and 0.8 ms backward on 602k
+    floats, 30x an elementwise multiply): there this pair was 3.4x faster forward + backward on
+    LeNet-5's C1 activations (128x6x28x28). On an Intel Xeon, torch.tanh was 3.5x faster than this
+    pair instead, so `tanh` takes whichever `tanh_by_sigmoid` measured faster on the machine.
+    Agrees with torch.tanh to 2e-7 (tested). Written in the forward/setup_context form so that
+    torch.func transforms (vmap, vjp) work through it.
     """
 
     generate_vmap_rule = True
@@ -35,10 +40,44 @@ class _SigmoidTanh(torch.autograd.Function):
         return grad - grad * y * y
 
 
+_TANH_PROBE_VERSION = 1  # bump when _measure_tanh changes: older cached results are then ignored
+
+
+def _measure_tanh(seconds: float = 0.1) -> dict[str, float]:
+    """Microseconds of the best forward + backward of each form on C1's activations at batch 64
+    (301k floats), alternating, about `seconds` in all: the kernels each form runs, without autograd,
+    so that it can run under any context (no_grad, inference_mode, a torch.func transform)."""
+    x = torch.randn(64, 6, 28, 28, generator=torch.Generator().manual_seed(0))  # the global stream stays as it is
+    grad = torch.ones_like(x)
+
+    def by_torch() -> None:
+        torch.ops.aten.tanh_backward(grad, torch.tanh(x))
+
+    def by_sigmoid() -> None:
+        y = _SigmoidTanh.forward(x)
+        grad - grad * y * y
+
+    best = {"torch_us": math.inf, "sigmoid_us": math.inf}
+    for _ in range(2):
+        for name, run in (("torch_us", by_torch), ("sigmoid_us", by_sigmoid)):
+            best[name] = min(best[name], hardware.best_seconds(run, seconds / 4, at_least=3) * 1e6)
+    return {name: round(us, 1) for name, us in best.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def tanh_by_sigmoid() -> bool:
+    """Whether the sigmoid form of tanh ran faster than torch.tanh on this machine's CPU: measured
+    once per machine (about 0.1 s) and cached with the bf16 probe's result (lenet5.hardware)."""
+    with torch.no_grad():
+        times, _ = hardware.cached_probe("tanh-probe", _TANH_PROBE_VERSION, ("torch_us", "sigmoid_us"), _measure_tanh)
+    return times["sigmoid_us"] < times["torch_us"]
+
+
 def tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh, fast on CPU; plain torch.tanh where a tracer, exporter or compiler needs standard ops."""
+    """tanh, by the faster form on a CPU; plain torch.tanh where a tracer, exporter or compiler needs
+    standard ops."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or not tanh_by_sigmoid():
         return torch.tanh(x)
     return _SigmoidTanh.apply(x)
 
