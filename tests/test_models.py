@@ -131,7 +131,10 @@ def test_tanh_takes_the_form_this_machine_measured_faster(monkeypatch, tmp_path,
     monkeypatch.setattr(layers, "_measure_tanh", lambda: times)
     layers.tanh_by_sigmoid.cache_clear()
     try:
-        x = torch.randn(8, 120, requires_grad=True)
+        small = torch.randn(256, 120, requires_grad=True)  # C5's activations at batch 256
+        assert type(layers.tanh(small).grad_fn).__name__ == "TanhBackward0"  # torch's at this size, either way
+        assert layers.tanh_by_sigmoid.cache_info().currsize == 0  # and nothing measured for it
+        x = torch.randn(layers.SIGMOID_TANH_MIN_SIZE, requires_grad=True)
         state = torch.get_rng_state()
         y = layers.tanh(x)  # measured here, at the first use in this "process"
         assert torch.equal(torch.get_rng_state(), state)  # a seeded run's random stream is untouched

@@ -15,13 +15,13 @@ from lenet5 import hardware, native
 class _SigmoidTanh(torch.autograd.Function):
     """tanh(x) = 2 sigmoid(2x) - 1, with the derivative 1 - y^2 taken from the saved output.
 
-    Where PyTorch's CPU tanh is slow. Its forward is MKL's vector tanh, which was slow on the
-    2-core AMD EPYC of the first measurements (about 1 ms forward and 0.8 ms backward on 602k
-    floats, 30x an elementwise multiply): there this pair was 3.4x faster forward + backward on
-    LeNet-5's C1 activations (128x6x28x28). On an Intel Xeon, torch.tanh was 3.5x faster than this
-    pair instead, so `tanh` takes whichever `tanh_by_sigmoid` measured faster on the machine.
-    Agrees with torch.tanh to 2e-7 (tested). Written in the forward/setup_context form so that
-    torch.func transforms (vmap, vjp) work through it.
+    For CPUs whose PyTorch tanh is slow: its forward is MKL's vector tanh, which was slow on the 2-core
+    AMD EPYC of the first measurements (about 1 ms forward and 0.8 ms backward on 602k floats, 30x an
+    elementwise multiply), where this pair was 3.4x faster forward + backward on LeNet-5's C1
+    activations (128x6x28x28). On an Intel Xeon torch.tanh was 2.9-3.1x faster than this pair instead,
+    so `tanh` takes it only where `tanh_by_sigmoid` measured it faster on the machine. Agrees with
+    torch.tanh to 2e-7 (tested). Written in the forward/setup_context form so that torch.func
+    transforms (vmap, vjp) work through it.
     """
 
     generate_vmap_rule = True
@@ -73,11 +73,20 @@ def tanh_by_sigmoid() -> bool:
     return times["sigmoid_us"] < times["torch_us"]
 
 
+# Below this many floats torch.tanh is taken everywhere: this autograd Function's own cost (about
+# 45 us a call, forward and backward) outweighed the kernels' difference at 30,720 floats and below in
+# every measurement, with MKL's tanh on its fast path and on its SSE4.2 path; on the SSE4.2 path the
+# sigmoid form was faster from 150,528 floats on, and at 75,264 either form by run
+# (docs/results/xeon-avx512-bf16/tanh-forms.txt).
+SIGMOID_TANH_MIN_SIZE = 1 << 17
+
+
 def tanh(x: torch.Tensor) -> torch.Tensor:
     """tanh, by the faster form on a CPU; plain torch.tanh where a tracer, exporter or compiler needs
     standard ops."""
-    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or not tanh_by_sigmoid():
+    if x.device.type != "cpu" or x.numel() < SIGMOID_TANH_MIN_SIZE or torch.jit.is_tracing() \
+            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() \
+            or not tanh_by_sigmoid():
         return torch.tanh(x)
     return _SigmoidTanh.apply(x)
 
