@@ -121,7 +121,7 @@ def test_the_sigmoid_form_of_tanh_agrees_with_torch_tanh():
 @pytest.mark.parametrize("sigmoid_faster", [True, False])
 def test_tanh_takes_the_form_this_machine_measured_faster(monkeypatch, tmp_path, sigmoid_faster):
     """The probe times both forms once per machine and caches the times; tanh then takes the faster
-    (torch.tanh, MKL's, was 3.4x slower than the sigmoid form on an AMD EPYC, 3.1x faster on a Xeon)."""
+    (torch.tanh, MKL's, was 3.4x slower than the sigmoid form on an AMD EPYC, 3.1-3.5x faster on a Xeon)."""
     from lenet5.models import layers
 
     measured = layers._measure_tanh(0.02)  # real timings of both forms
