@@ -7,7 +7,10 @@ share of that peak, and the forward + backward time of each fused layer. A and B
 round by round so that noise from other processes hits both; medians over the rounds.
 
 FLOPs are counted from the layer sizes: forward multiply-adds per image C1 117,600, C3 240,000,
-C5 48,000, F6 10,080, output 840; 2 FLOPs each; training = 3 x forward.
+C5 48,000, F6 10,080, output 840; 2 FLOPs each; training = the forward pass, the weights' gradients
+and the inputs' gradients of every layer but C1 (whose input gradient no training computes), as
+torch's FLOP counter counts it in benchmarks/suite.py. (Until 2026-11-30 this script counted 3 x the
+forward pass, C1's input gradient included: its shares of peak were 1.10x the suite's.)
 
     python benchmarks/native_kernels.py --data-dir ../shared/mnist
     # an AVX2-only CPU, emulated: kernels built for Haswell, PyTorch limited to AVX2
@@ -33,8 +36,9 @@ from lenet5.models.layers import conv_tanh_pool, tanh
 from lenet5.runtime import flush_denormals, tune_allocator
 from lenet5.train import TrainConfig, TrainStep, train_epoch
 
-FORWARD_MACS = 117_600 + 240_000 + 48_000 + 10_080 + 840
-TRAIN_FLOPS = 3 * 2 * FORWARD_MACS  # per image
+C1_MACS = 117_600
+FORWARD_MACS = C1_MACS + 240_000 + 48_000 + 10_080 + 840
+TRAIN_FLOPS = 3 * 2 * FORWARD_MACS - 2 * C1_MACS  # per image: 2,263,920, the suite's count
 
 
 def matmul_peak(n: int = 2048, tries: int = 5) -> float:
@@ -96,7 +100,8 @@ def layer_times(batch: int, rounds: int, reps: int = 10) -> list[str]:
                 if r:
                     times[path].append(t)
         med = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-        gflops = {p: 3 * 2 * macs * batch / (ms / 1e3) / 1e9 for p, ms in med.items()}
+        passes = 3 if x.requires_grad else 2  # forward, weight gradient, and the input's where asked for
+        gflops = {p: passes * 2 * macs * batch / (ms / 1e3) / 1e9 for p, ms in med.items()}
         lines.append(f"{name} batch {batch} forward+backward: native {med['native']:.3f} ms ({gflops['native']:.0f} "
                      f"GFLOP/s), PyTorch {med['pytorch']:.3f} ms ({gflops['pytorch']:.0f} GFLOP/s), "
                      f"{med['pytorch'] / med['native']:.2f}x")
