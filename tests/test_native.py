@@ -516,6 +516,35 @@ def _winograd_against_float64(n, c, k, h, w, pad, pool=False):
                         "bias gradient": error(conv.bias.grad, b64.grad)}
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_winograd_reads_saved_transforms_a_hook_hands_back_off_the_vector_boundary(kernels, pool):
+    """A saved-tensors hook (offloading, compression) may return its tensors as views that do not start
+    on a 64-byte boundary; the kernels read the weight's transforms as whole vectors, so such views are
+    copied first: the same gradients, no crash (it was a segmentation fault)."""
+    def off_boundary(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() != 3 or t.shape[0] != 36:  # the transforms, (36, C, K) and (36, K, C)
+            return t
+        shifted = torch.empty(t.numel() + 1)[1:].view(t.shape)
+        shifted.copy_(t)
+        assert shifted.data_ptr() % 64 != 0
+        return shifted
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(20, 50, 5, padding=2).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 20, 14, 14).to(memory_format=torch.channels_last)
+    run = native.winograd_conv_pool if pool else native.winograd_conv
+    grads = []
+    for hooks in (False, True):
+        xg = x.clone().requires_grad_()
+        conv.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, off_boundary if hooks else (lambda t: t)):
+            y = run(xg, conv)
+        y.square().sum().backward()
+        grads.append((xg.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("case", [c for c in WINOGRAD_CASES if c[3] % 2 == c[4] % 2 == 0])
 def test_winograd_convolution_with_pooling_agrees_with_float64(kernels, case):
     """The pooled path (ReLU and 2x2 max pooling on the output tiles, the backward unpooling into
@@ -802,7 +831,74 @@ def test_a_library_of_several_units_is_built_whole_or_refused(kernels, tmp_path,
     with pytest.raises(BuildError, match=r"failed \(exit \d+\): .*undeclared"):
         build.library(source=first, parallel=False)
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert len(built) == 2 and all(name == "lenet5_first.so" for name in built), built
+    assert built == ["lenet5_first.so", "lenet5_first.so", "lenet5_first.so.sha256", "lenet5_first.so.sha256"], built
+
+
+def _two_unit_sources(tmp_path, monkeypatch):
+    from lenet5.native import build
+
+    monkeypatch.setattr(build, "user_cache_dir", lambda name: str(tmp_path / "cache" / name))  # any OS
+    first, second = tmp_path / "first.cpp", tmp_path / "second.cpp"
+    first.write_text('extern "C" int lenet5_first() { return 2; }\n')
+    second.write_text('extern "C" int lenet5_second() { return 40; }\n')
+    monkeypatch.setitem(build.UNITS, first, (first, second))
+    monkeypatch.setattr(build, "HEADERS", ())
+    return build, first
+
+
+def test_a_library_cut_short_is_built_again_not_loaded(kernels, tmp_path, monkeypatch):
+    """A library truncated by a crash or power loss after its rename made every later process die of
+    SIGBUS when it loaded it; its checksum, written after it, now sends it back to the compiler."""
+    import ctypes
+
+    build, first = _two_unit_sources(tmp_path, monkeypatch)
+    library = build.library(source=first, parallel=False)
+    whole = library.read_bytes()
+    for damaged in (whole[:4096], b""):
+        library.write_bytes(damaged)
+        assert build.library(source=first, parallel=False) == library
+        assert library.read_bytes() == whole  # rebuilt (this compiler's output is deterministic)
+    assert ctypes.CDLL(str(library)).lenet5_second() == 40
+    assert not list(library.parent.glob(".build-*"))  # no build directory left behind
+
+
+def test_a_compiler_given_with_arguments_is_run_with_them(kernels, tmp_path, monkeypatch):
+    """CXX="ccache g++" is how build tools are told to use a wrapper: the words are the command."""
+    import ctypes
+    import shutil
+
+    build, first = _two_unit_sources(tmp_path, monkeypatch)
+    cxx = build.compiler()
+    monkeypatch.setenv("CXX", f"{shutil.which('env')} {' '.join(cxx)}")
+    assert build.compiler() == [shutil.which("env"), *cxx]
+    assert ctypes.CDLL(str(build.library(source=first, parallel=False))).lenet5_first() == 2
+
+
+def test_a_killed_openmp_build_is_an_error_not_a_one_thread_library(kernels, tmp_path, monkeypatch):
+    """A compiler killed by a signal (out of memory, say) tells nothing about -fopenmp: the build is an
+    error for this process, and nothing one-threaded is cached under the OpenMP build's name; a
+    compiler that refuses the flag is this machine's answer, and one thread beats no kernels."""
+    build, first = _two_unit_sources(tmp_path, monkeypatch)
+    monkeypatch.setattr(build, "openmp_flags", lambda cxx: ["-fopenmp"])
+    monkeypatch.setattr(build, "_is_gcc", lambda cxx: True)
+    real, calls = build._build, []
+
+    def killed_with_openmp(cxx, march, units, output, openmp=()):
+        calls.append(list(openmp))
+        return (-9, "") if openmp else real(cxx, march, units, output, openmp)
+
+    monkeypatch.setattr(build, "_build", killed_with_openmp)
+    with pytest.raises(BuildError, match=r"exit -9"):
+        build.library(source=first)
+    assert calls == [["-fopenmp"]] and not list((tmp_path / "cache").rglob("*.so"))
+
+    def refused(cxx, march, units, output, openmp=()):
+        calls.append(list(openmp))
+        return (1, "/usr/bin/ld: cannot find -lgomp") if openmp else real(cxx, march, units, output, openmp)
+
+    calls.clear()
+    monkeypatch.setattr(build, "_build", refused)
+    assert build.library(source=first).is_file() and calls == [["-fopenmp"], []]
 
 
 def test_every_source_the_build_reads_ships_with_the_package():

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ def _probe_cache_file(name: str = "bf16-probe", version: int = _PROBE_VERSION) -
 
 def cached_probe(name: str, version: int, fields: tuple[str, ...],
                  measure: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
-    """This machine's timings `fields` by `measure` (each within 1e-3..1e5), read from the machine's
+    """This machine's timings `fields` by `measure` (in ms, each within 1e-3..1e5), read from the machine's
     cache or measured once and kept there; and whether they were read. A missing, damaged or implausible
     file is measured again. Processes asking at once (torchrun's) measure once: the others read."""
     path = _probe_cache_file(name, version)
@@ -220,14 +221,40 @@ def cached_probe(name: str, version: int, fields: tuple[str, ...],
         saved = _read_times(path, fields)
         if saved:
             return saved, True
-        times = measure()
-        try:
-            from lenet5.fileio import atomic_write_json
+        times = _on_a_thread_of_its_own(measure)
+        if _plausible([times.get(f) for f in fields]):  # else returned, not kept: measured again next time
+            try:
+                from lenet5.fileio import atomic_write_json
 
-            atomic_write_json(path, {"times": times, "cpu": cpu_model(), "torch": torch.__version__})
-        except OSError:
-            pass  # a read-only cache: measure again next time
+                atomic_write_json(path, {"times": times, "cpu": cpu_model(), "torch": torch.__version__})
+            except OSError:
+                pass  # a read-only cache: measure again next time
     return times, False
+
+
+def _on_a_thread_of_its_own(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """measure() on a new thread: PyTorch keeps grad mode, inference mode, autocast, torch.func's
+    transforms and dispatch modes (fake tensors) per thread, so that whatever the caller runs under
+    (a probe is asked for where it is first needed) times nothing but the plain kernels."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["times"] = measure()
+        except BaseException as e:  # re-raised on the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="lenet5-probe", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["times"]
+
+
+def _plausible(times: list) -> bool:
+    """Times in ms that a probe can have measured: not booleans, strings, NaN, infinities or absurd."""
+    return all(type(t) in (int, float) and math.isfinite(t) and 1e-3 <= t <= 1e5 for t in times)
 
 
 def _read_times(path: Path, fields: tuple[str, ...]) -> dict[str, float] | None:
@@ -238,9 +265,7 @@ def _read_times(path: Path, fields: tuple[str, ...]) -> dict[str, float] | None:
         times = [saved[f] for f in fields]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    if not all(type(t) in (int, float) and math.isfinite(t) and 1e-3 <= t <= 1e5 for t in times):
-        return None  # booleans, strings, NaN, infinities, absurd times
-    return {f: float(t) for f, t in zip(fields, times)}
+    return {f: float(t) for f, t in zip(fields, times)} if _plausible(times) else None
 
 
 def best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) -> float:
@@ -314,6 +339,8 @@ def _probe_lock(path: Path, patience: float = 30.0):
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path.with_suffix(".lock"), "a")
     except (ImportError, OSError):
+        handle = None
+    if handle is None:  # yielded outside the except: an error while measuring is not chained to this one
         yield
         return
     with handle:

@@ -260,6 +260,7 @@ class Kernels:
         transforms (`winograd_weight`); with `pool`, relu(max_pool2d(that, 2)) and, per output,
         which input of its window it came from (as relu_max_pool_forward's), else None."""
         N, C, H, W, K, oh, ow = self._check_winograd(x, u, ut, pad)
+        u = _vector_aligned(u)  # read as whole vectors; e.g. a view a saved-tensor hook returned may not be
         if not _cpu_float32(bias) or bias.shape != (K,):
             raise RuntimeError("winograd: the bias does not match the weight")
         if pool and (oh % 2 or ow % 2):
@@ -290,6 +291,7 @@ class Kernels:
                                "output's shape")
         if not _cpu_float32(weight) or weight.shape != (K, C, 5, 5):
             raise RuntimeError("winograd_backward: the weight does not match its transforms")
+        ut = _vector_aligned(ut)  # read as whole vectors; e.g. a view a saved-tensor hook returned may not be
         cp, kp, threads = self._padded(C), self._padded(K), torch.get_num_threads()
         du, db = u.new_zeros(threads, 36, cp, kp), u.new_zeros(threads, kp)
         dx = torch.empty(N, C, H, W, device=x.device, memory_format=torch.channels_last) if need_input else None

@@ -2,10 +2,11 @@
 
 The library is built for this CPU (`-march=native`: AVX-512 or AVX2 as the machine has), so the
 cache key is the hash of the source, the torch version (whose OpenMP runtime the kernels share),
-the compiler and its flags, and the CPU's feature flags; a new torch, compiler or machine gets a
-fresh build. Builds go to  platformdirs.user_cache_dir("lenet5")/native/<key>/  and are written
-under a temporary name and renamed, so processes starting together (torchrun ranks) never load
-a half-written file.
+the compiler (its command and version) and its flags, and the CPU's feature flags; a new torch,
+compiler or machine gets a fresh build. Builds go to  platformdirs.user_cache_dir("lenet5")/native/<key>/,
+each compiled in a directory of its own, flushed to disk, renamed into place and then given its
+checksum, so processes starting together (torchrun ranks) never load a half-written file, and a
+library cut short by a crash is built again rather than loaded.
 
 No ninja, no pybind11 and no ATen headers: each library is a plain C ABI that lenet5.native calls
 through ctypes with the memory of tensors it allocated, so a cold build takes seconds. The kernels'
@@ -17,13 +18,17 @@ kernels took eight: parsing ATen's headers was most of it, and a user's first ru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -40,12 +45,28 @@ class BuildError(RuntimeError):
     """The kernels could not be compiled or loaded; the message says why."""
 
 
-def compiler() -> str:
-    """The C++ compiler: $CXX as build tools honour it, else c++ or g++ on PATH."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx or not shutil.which(cxx):
-        raise BuildError(f"no C++ compiler found ({'CXX=' + cxx if cxx else 'no c++ or g++ on PATH'})")
-    return cxx
+def compiler() -> list[str]:
+    """The C++ compiler's command: $CXX as build tools honour it (arguments included, as in
+    CXX="ccache g++"), else c++ or g++ on PATH."""
+    words = shlex.split(os.environ.get("CXX", ""))
+    if not words:
+        found = shutil.which("c++") or shutil.which("g++")
+        words = [found] if found else []
+    if not words or not shutil.which(words[0]):
+        raise BuildError(f"no C++ compiler found ({'CXX=' + os.environ['CXX'] if os.environ.get('CXX') else 'no c++ or g++ on PATH'})")
+    return words
+
+
+@functools.lru_cache(maxsize=4)
+def _identity(cxx: tuple[str, ...]) -> bytes:
+    """The compiler's command and the first line of its --version, for the cache key: a compiler
+    upgraded in place is a new build."""
+    try:
+        done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60)
+        version = done.stdout.splitlines()[0] if done.stdout else ""
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return "\0".join([*cxx, version]).encode()
 
 
 def _cpu_flags() -> str:
@@ -58,7 +79,7 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def openmp_flags(cxx: str) -> list[str]:
+def openmp_flags(cxx: list[str]) -> list[str]:
     """`-fopenmp` where the kernels then run on torch's own OpenMP threads, else nothing.
 
     Built without OpenMP, the kernels' parallel loops are plain loops and run on one thread
@@ -81,10 +102,10 @@ def openmp_flags(cxx: str) -> list[str]:
     return ["-fopenmp"]
 
 
-def _is_gcc(cxx: str) -> bool:
+def _is_gcc(cxx: list[str]) -> bool:
     """Whether `cxx` is GCC itself, asked from its predefined macros (a wrapper's name says nothing)."""
     try:
-        done = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*cxx, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return False
     macros = done.stdout
@@ -108,14 +129,14 @@ def _complaint(errors: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _build(cxx: str, march: str, units: tuple[Path, ...], output: Path, openmp: list[str] = ()) -> tuple[int, str]:
+def _build(cxx: list[str], march: str, units: tuple[Path, ...], output: Path, openmp: list[str] = ()) -> tuple[int, str]:
     """Compile every unit to an object file, all at once (one compiler process each), then link them
     into the shared library `output`; (exit status, error output) of the first step that failed, or (0, "")."""
     objects = [output.with_name(f"{output.name}.{unit.stem}.o") for unit in units]
     compilers: list[subprocess.Popen] = []
     try:
         for unit, obj in zip(units, objects):
-            compilers.append(subprocess.Popen([cxx, *_flags(march, openmp), "-c", str(unit), "-o", str(obj)],
+            compilers.append(subprocess.Popen([*cxx, *_flags(march, openmp), "-c", str(unit), "-o", str(obj)],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         failed = (0, "")
         for process in compilers:
@@ -124,7 +145,7 @@ def _build(cxx: str, march: str, units: tuple[Path, ...], output: Path, openmp: 
                 failed = (process.returncode, err)
         if failed[0]:
             return failed
-        done = subprocess.run([cxx, "-shared", *openmp, *map(str, objects), "-o", str(output)],
+        done = subprocess.run([*cxx, "-shared", *openmp, *map(str, objects), "-o", str(output)],
                               capture_output=True, text=True)
         return done.returncode, done.stderr
     finally:
@@ -145,28 +166,73 @@ def library(march: str = "native", source: Path = SOURCE, parallel: bool = True)
     openmp = openmp_flags(cxx) if parallel else []
     units = UNITS.get(source, (source,))
     headers = HEADERS if source in UNITS else ()
-    key_parts = [*(path.read_bytes() for path in (*units, *headers)), torch.__version__.encode(), cxx.encode(),
+    key_parts = [*(path.read_bytes() for path in (*units, *headers)), torch.__version__.encode(), _identity(tuple(cxx)),
                  march.encode(), _cpu_flags().encode(), " ".join(_flags(march, openmp)).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     name = "lenet5_native.so" if source == SOURCE else f"lenet5_{source.stem}.so"
     target = Path(user_cache_dir("lenet5")) / "native" / key / name
-    if target.is_file():
+    if _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    _remove_abandoned_builds(target.parent)
+    command = " ".join(cxx)
+    # A directory of this build's own: objects and the library before its rename cannot collide with
+    # another build's (threads, or containers whose process ids repeat, sharing one cache).
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
+        partial = work / name
         if openmp and not _is_gcc(cxx):
-            log.warning("%s is not GCC: the native kernels are built without OpenMP and run on one thread", cxx)
+            log.warning("%s is not GCC: the native kernels are built without OpenMP and run on one thread", command)
             openmp = []
         status, errors = _build(cxx, march, units, partial, openmp)
-        if status != 0 and openmp:  # e.g. no libgomp.so to link: one thread beats no kernels
+        if status > 0 and openmp and errors.strip():
+            # the compiler or linker refused the flag (e.g. no libgomp.so to link): that is this machine's
+            # answer, and one thread beats no kernels. A compiler killed by a signal (status < 0, e.g. out of
+            # memory) says nothing about the flag: that is an error, and the next process builds again.
             log.warning("building the native kernels with -fopenmp failed (%s); building them for one thread",
                         _complaint(errors))
             status, errors = _build(cxx, march, units, partial)
+        if status != 0:
+            raise BuildError(f"{command} failed (exit {status}): {_complaint(errors)}")
+        _publish(partial, target)
     except OSError as e:
-        raise BuildError(f"{cxx} could not run: {e}") from None
-    if status != 0:
-        partial.unlink(missing_ok=True)
-        raise BuildError(f"{cxx} failed (exit {status}): {_complaint(errors)}")
-    os.replace(partial, target)
+        raise BuildError(f"{command} could not run or its library could not be stored: {e}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _record(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether `library` is a whole build: its checksum, written after it, matches. A library cut short
+    (a crash or power loss after the rename) can crash the process that loads it (SIGBUS), so it is
+    built again instead of loaded."""
+    try:
+        return _record(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Move a finished build into place: on disk before the rename, its checksum after it."""
+    from lenet5.fileio import atomic_write_bytes
+
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    os.replace(partial, target)
+    atomic_write_bytes(_record(target), (digest + "\n").encode())
+
+
+def _remove_abandoned_builds(folder: Path, age: float = 3600.0) -> None:
+    """Build directories left by processes killed while compiling (torchrun stops ranks with SIGTERM),
+    once older than `age` seconds: no build takes that long."""
+    for stale in folder.glob(".build-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > age:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
