@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,7 +220,7 @@ def cached_probe(name: str, version: int, fields: tuple[str, ...],
         saved = _read_times(path, fields)
         if saved:
             return saved, True
-        times = _on_a_thread_of_its_own(measure)
+        times = _plainly(measure)
         if _plausible([times.get(f) for f in fields]):  # else returned, not kept: measured again next time
             try:
                 from lenet5.fileio import atomic_write_json
@@ -232,24 +231,20 @@ def cached_probe(name: str, version: int, fields: tuple[str, ...],
     return times, False
 
 
-def _on_a_thread_of_its_own(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """measure() on a new thread: PyTorch keeps grad mode, inference mode, autocast, torch.func's
-    transforms and dispatch modes (fake tensors) per thread, so that whatever the caller runs under
-    (a probe is asked for where it is first needed) times nothing but the plain kernels."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
+def _plainly(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """measure() as plain eager PyTorch, whatever the caller runs under (a probe is asked for where it is
+    first needed): without its dispatch modes (under fake tensors a probe would time nothing and cache
+    that) or autocast. (On a thread of its own instead, a probe's parallel kernels ran 2-3x slower than
+    on the caller's, with 2 threads: measured for tanh.)"""
+    with contextlib.ExitStack() as plain:
         try:
-            outcome["times"] = measure()
-        except BaseException as e:  # re-raised on the caller's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, name="lenet5-probe", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["times"]
+            from torch.utils._python_dispatch import _disable_current_modes
+        except ImportError:
+            pass
+        else:
+            plain.enter_context(_disable_current_modes())
+        plain.enter_context(torch.autocast("cpu", enabled=False))
+        return measure()
 
 
 def _plausible(times: list) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,31 +47,31 @@ class _SigmoidTanh(torch.autograd.Function):
         return tangent - tangent * y * y
 
 
-_TANH_PROBE_VERSION = 2  # bump when _measure_tanh changes: older cached results are then ignored
+_TANH_PROBE_VERSION = 3  # bump when _measure_tanh changes: older cached results are then ignored
 SIGMOID_TANH_MIN_SPEEDUP = 1.2  # the sigmoid form is taken only where it ran at least this much faster
 
 
 def _measure_tanh(seconds: float = 0.1) -> dict[str, float]:
-    """Milliseconds of the best forward + backward of each form on C1's activations at batch 64
-    (301k floats, float32), alternating, about `seconds` in all, on as many threads as this process
-    has cores: the kernels each form runs (`hardware.cached_probe` runs this on a thread of its own)."""
-    x = torch.randn(64, 6, 28, 28, generator=torch.Generator().manual_seed(0))  # the global stream stays as it is
-    grad = torch.ones_like(x)
+    """Milliseconds of the best forward + backward pass through autograd of each form on C1's
+    activations at batch 64 (301k floats, float32), alternating, about `seconds` in all, on as many
+    threads as this process has cores, as plain eager PyTorch (`hardware.cached_probe`)."""
+    with torch.inference_mode(False):  # also when asked from under inference_mode
+        x = torch.randn(64, 6, 28, 28, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grad = torch.ones(x.shape)
 
-    def by_torch() -> None:
-        torch.ops.aten.tanh_backward(grad, torch.tanh(x))
-
-    def by_sigmoid() -> None:
-        y = _SigmoidTanh.forward(x)
-        grad - grad * y * y
+    def timed(form) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode(False), torch.enable_grad():  # also when asked from under no_grad
+                torch.autograd.grad(form(x), x, grad)
+        return run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(hardware.usable_cores())
     try:
         best = {"torch_ms": math.inf, "sigmoid_ms": math.inf}
         for _ in range(2):
-            for name, run in (("torch_ms", by_torch), ("sigmoid_ms", by_sigmoid)):
-                best[name] = min(best[name], hardware.best_seconds(run, seconds / 4, at_least=3) * 1e3)
+            for name, form in (("torch_ms", torch.tanh), ("sigmoid_ms", _SigmoidTanh.apply)):
+                best[name] = min(best[name], hardware.best_seconds(timed(form), seconds / 4, at_least=3) * 1e3)
     finally:
         torch.set_num_threads(threads)
     return {name: round(ms, 4) for name, ms in best.items()}
@@ -93,13 +94,20 @@ def tanh_by_sigmoid() -> bool:
 SIGMOID_TANH_MIN_SIZE = 1 << 17
 
 
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running: torch.tanh then, which every
+    transform knows, and no probe, which could not time autograd there."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
+
+
 def tanh(x: torch.Tensor) -> torch.Tensor:
     """tanh, by the faster form for large float32 tensors on a CPU; plain torch.tanh where a tracer,
-    exporter or compiler needs standard ops, and for other dtypes (the sigmoid form loses bf16's few
+    exporter, compiler or torch.func transform needs standard ops, and for other dtypes (the sigmoid form loses bf16's few
     bits near 0: `tanh_by_sigmoid` measured float32)."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() \
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or x.dtype != torch.float32 \
-            or x.numel() < SIGMOID_TANH_MIN_SIZE or not tanh_by_sigmoid():
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or _transformed() \
+            or x.dtype != torch.float32 or x.numel() < SIGMOID_TANH_MIN_SIZE or not tanh_by_sigmoid():
         return torch.tanh(x)
     return _SigmoidTanh.apply(x)
 
