@@ -59,8 +59,9 @@ def autograd_us(form, shape: tuple[int, ...], reps: int = 200) -> float:
 def main() -> None:
     tune_allocator()
     flush_denormals()
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "-")
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, ATen capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', '-')}")
+          f"{torch.backends.cpu.get_cpu_capability()}, MKL_ENABLE_INSTRUCTIONS={mkl}")
     for _ in range(3):
         print(f"probe (ms, forward + backward through autograd on 64x6x28x28): {layers._measure_tanh()}")
     chosen = layers.tanh_by_sigmoid()

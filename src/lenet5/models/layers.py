@@ -103,8 +103,8 @@ def _transformed() -> bool:
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
     """tanh, by the faster form for large float32 tensors on a CPU; plain torch.tanh where a tracer,
-    exporter, compiler or torch.func transform needs standard ops, and for other dtypes (the sigmoid form loses bf16's few
-    bits near 0: `tanh_by_sigmoid` measured float32)."""
+    exporter, compiler or torch.func transform needs standard ops, and for other dtypes (the sigmoid
+    form loses bf16's few bits near 0, and `tanh_by_sigmoid` measured float32)."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting() \
             or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or _transformed() \
             or x.dtype != torch.float32 or x.numel() < SIGMOID_TANH_MIN_SIZE or not tanh_by_sigmoid():

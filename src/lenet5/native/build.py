@@ -53,7 +53,8 @@ def compiler() -> list[str]:
         found = shutil.which("c++") or shutil.which("g++")
         words = [found] if found else []
     if not words or not shutil.which(words[0]):
-        raise BuildError(f"no C++ compiler found ({'CXX=' + os.environ['CXX'] if os.environ.get('CXX') else 'no c++ or g++ on PATH'})")
+        given = os.environ.get("CXX")
+        raise BuildError(f"no C++ compiler found ({'CXX=' + given if given else 'no c++ or g++ on PATH'})")
     return words
 
 
@@ -129,7 +130,8 @@ def _complaint(errors: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _build(cxx: list[str], march: str, units: tuple[Path, ...], output: Path, openmp: list[str] = ()) -> tuple[int, str]:
+def _build(cxx: list[str], march: str, units: tuple[Path, ...], output: Path,
+           openmp: list[str] = ()) -> tuple[int, str]:
     """Compile every unit to an object file, all at once (one compiler process each), then link them
     into the shared library `output`; (exit status, error output) of the first step that failed, or (0, "")."""
     objects = [output.with_name(f"{output.name}.{unit.stem}.o") for unit in units]
