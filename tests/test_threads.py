@@ -67,9 +67,34 @@ def test_steps_slower_than_what_another_count_did_in_the_probe_ask_again():
     governor.probe(sleeper({2: 0.010, 1: 0.012}))
     asked = [governor.step_done(0.020) for _ in range(10)]
     assert asked[-1]  # but steps at 20 ms, where 1 thread took 12: look again
-    governor.probe(sleeper({2: 0.010, 1: 0.012}))  # the same answer: real steps just cost more than probes
-    asked = [governor.step_done(0.020) for _ in range(30)]
-    assert not any(asked)  # so it does not ask again and again
+
+
+def test_when_the_probe_and_the_real_steps_disagree_the_real_steps_decide():
+    """Beside a busy core the probe's back-to-back steps ran two threads at full speed while the real
+    steps took twice one thread's time: a probe that keeps the count the real steps contradict starts
+    a trial of real steps at the other count, kept when they are faster."""
+    governor = ThreadGovernor(2, repeats=1, margin=0.85)
+    governor.probe(sleeper({2: 0.005, 1: 0.007}))  # the probe's view: 2 threads, 1 within the margin
+    assert governor.threads == 2
+    asked = [governor.step_done(0.013) for _ in range(10)]  # real steps at 2 threads: 13 ms
+    assert asked[-1]
+    assert governor.probe(sleeper({2: 0.005, 1: 0.007})) == 1 and torch.get_num_threads() == 1  # the trial
+    asked = [governor.step_done(0.0075) for _ in range(10)]  # real steps at 1 thread: 7.5 ms
+    assert not any(asked) and governor.threads == 1 and governor.trials == 1  # kept
+
+
+def test_a_trial_that_loses_goes_back_and_is_not_repeated():
+    """Real steps that cost more than probe steps for a reason of their own (an optimizer's step, say)
+    are as slow at the other count: the trial goes back, and the governor allows for the difference
+    from then on instead of trying again and again."""
+    governor = ThreadGovernor(2, repeats=1, margin=0.85)
+    governor.probe(sleeper({2: 0.010, 1: 0.012}))
+    assert [governor.step_done(0.020) for _ in range(10)][-1]  # real steps at 20 ms, 1 thread probed 12
+    assert governor.probe(sleeper({2: 0.010, 1: 0.012})) == 1  # the trial
+    asked = [governor.step_done(0.024) for _ in range(10)]  # 1 thread's real steps: slower still
+    assert not any(asked) and governor.threads == 2 and torch.get_num_threads() == 2  # back
+    asked = [governor.step_done(0.020) for _ in range(40)]
+    assert not any(asked) and governor.trials == 1  # no second trial for the same difference
 
 
 def test_below_the_full_count_it_rechecks_after_a_while():

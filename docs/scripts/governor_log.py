@@ -1,7 +1,8 @@
 """What the thread governor decides beside competition: a classic lenet5 epoch (the suite's contention
 run: batch 128, Adam, 1,000 test digits) alone, beside a process that keeps one core busy, and two at
-once, each printing its training time and every probe's decision (the count kept, the per-step time of
-the count not kept, in ms, and the real-to-probe step ratio the governor allows for).
+once, each printing its training time and every probe's decision (the count kept, or tried on real steps,
+the per-step time of the count not kept, in ms, and the real-to-probe step ratio the governor allows
+for).
 
     python docs/scripts/governor_log.py --data-dir ../shared/mnist [--rounds 3]
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 LENET5_NATIVE_MARCH=haswell \\
@@ -24,7 +25,8 @@ from lenet5.train import threads
 probe = threads.ThreadGovernor.probe
 def logged(self, work):
     kept = probe(self, work)
-    print(f"probe {self.probes}: {kept} threads kept, other count {self.alternative * 1e3:.2f} ms a step, "
+    trial = f", trial of {kept} threads" if getattr(self, "trial", None) else ""
+    print(f"probe {self.probes}: {kept} threads kept{trial}, other count {self.alternative * 1e3:.2f} ms a step, "
           f"real/probe {self.overhead:.2f}", file=sys.stderr)
     return kept
 threads.ThreadGovernor.probe = logged

@@ -42,6 +42,14 @@ class ThreadGovernor:
     noisy); or `recheck_s` seconds after a probe that left fewer than all threads (competition may
     have gone). `probe` times a state-free step at each count and keeps the fastest if it beats
     the current one by the factor `margin`.
+
+    When the real steps ran slower than another count's probe steps and a new probe keeps the count
+    all the same, the real steps decide: a trial runs the next window of real steps at the other
+    count and keeps whichever count's real steps were faster by `margin`. Beside a busy core the
+    probe's steps, run back to back, kept two threads at their quiet speed while the real steps, with
+    Python between their operations, took twice one thread's time (2-core Intel Xeon as `avx2`,
+    docs/results/xeon-avx512-bf16/). A trial follows only such a disagreement, which a quiet
+    machine does not show, so quiet runs keep their bits.
     """
 
     def __init__(self, most: int, *, repeats: int = 5, margin: float = 0.85, slowdown: float = 1.4,
@@ -56,6 +64,8 @@ class ThreadGovernor:
         self.recent: deque[float] = deque(maxlen=10)
         self.probed_at = time.perf_counter()
         self.probes = 0
+        self.trial: tuple[int, float, float] | None = None  # (count to go back to, its real and probe step times)
+        self.trials = 0
         torch.set_num_threads(most)
 
     def step_done(self, seconds: float) -> bool:
@@ -63,7 +73,12 @@ class ThreadGovernor:
         self.recent.append(seconds)
         if len(self.recent) < self.recent.maxlen or len(self.counts) == 1:
             return False
-        now = statistics.median(self.recent)
+        # the mean, not the median: time adds up, and beside a busy core most steps at two threads run at
+        # full speed while the rest wait a whole time slice for the core the other process holds
+        now = statistics.fmean(self.recent)
+        if self.trial:
+            self._end_trial(now)
+            return False
         if self.alternative and self.margin * now > self.alternative * self.overhead:
             self.second_look = now
             return True
@@ -89,10 +104,13 @@ class ThreadGovernor:
         kept = self.threads
         if medians[best] < self.margin * medians[self.threads]:
             self.threads = best
-        if self.second_look and self.threads == kept:
-            # The same count again: real steps are simply slower than probe steps here (an optimizer's
-            # step, say), by this much; later comparisons allow for it, so this does not repeat.
-            self.overhead = max(self.overhead, self.second_look / medians[kept])
+        others = [n for n in medians if n != kept]
+        if self.second_look and self.threads == kept and others:
+            # The same count again, though real steps ran slower than another count's probe steps: the
+            # next real steps run at that count, and their time decides (`_end_trial`).
+            self.trial = (kept, self.second_look, medians[kept])
+            self.threads = min(others, key=medians.__getitem__)
+            self.trials += 1
         self.alternative = min((t for n, t in medians.items() if n != self.threads), default=0.0)
         self.second_look = 0.0
         torch.set_num_threads(self.threads)
@@ -101,3 +119,19 @@ class ThreadGovernor:
         self.probed_at = time.perf_counter()
         self.probes += 1
         return self.threads
+
+    def _end_trial(self, now: float) -> None:
+        """A trial's window of real steps is done (`now`, their median): keep its count if they beat
+        the count before it by `margin`, else go back to that count. Then real steps are simply slower
+        than probe steps there (an optimizer's step, say), by this much: later comparisons allow for
+        it, so that the same disagreement does not start trial after trial."""
+        back, before, probed = self.trial
+        self.trial = None
+        if now >= self.margin * before:
+            self.threads = back
+            torch.set_num_threads(back)
+            self.overhead = max(self.overhead, before / probed)
+        self.alternative = 0.0  # the real steps answered what the probe's other count asked
+        self.recent.clear()
+        self.reference = 0.0
+        self.probed_at = time.perf_counter()
