@@ -69,13 +69,14 @@ class ThreadGovernor:
         torch.set_num_threads(most)
 
     def step_done(self, seconds: float) -> bool:
-        """Record one training step's wall time; True when a probe should follow."""
+        """Record one training step's time (its forward pass through the optimizer's step, what a probe
+        step times plus the update); True when a probe should follow."""
         self.recent.append(seconds)
         if len(self.recent) < self.recent.maxlen or len(self.counts) == 1:
             return False
-        # the mean, not the median: time adds up, and beside a busy core most steps at two threads run at
-        # full speed while the rest wait a whole time slice for the core the other process holds
-        now = statistics.fmean(self.recent)
+        # the median: one slow step (a collection, the log's sync) must not read as competition. Their
+        # mean made a quiet run's governor try one thread, trial and all, and change the run's bits.
+        now = statistics.median(self.recent)
         if self.trial:
             self._end_trial(now)
             return False
@@ -122,9 +123,9 @@ class ThreadGovernor:
 
     def _end_trial(self, now: float) -> None:
         """A trial's window of real steps is done (`now`, their median): keep its count if they beat
-        the count before it by `margin`, else go back to that count. Then real steps are simply slower
-        than probe steps there (an optimizer's step, say), by this much: later comparisons allow for
-        it, so that the same disagreement does not start trial after trial."""
+        the count before it by `margin`; else go back to that count, where real steps are then simply
+        slower than probe steps (an optimizer's step, say) by this much, which later comparisons allow
+        for, so that the same disagreement does not start trial after trial."""
         back, before, probed = self.trial
         self.trial = None
         if now >= self.margin * before:
