@@ -56,6 +56,16 @@ def test_a_slowdown_asks_for_a_probe_and_a_steady_pace_does_not():
     assert asked[-1]  # three times slower for a whole window: probe
 
 
+def test_one_slow_step_is_not_competition_but_a_slow_share_of_them_is():
+    """Steps are compared by their mean without the slowest: a single hiccup (a collection, a sync for
+    the log) asks for nothing, but a share of steps waiting on a busy core does (their median hid it)."""
+    governor = ThreadGovernor(2, slowdown=1.4)
+    assert not any(governor.step_done(0.010) for _ in range(30))  # the reference
+    assert not any(governor.step_done(s) for s in [0.010] * 9 + [0.100])  # one slow step in ten
+    asked = [governor.step_done(s) for s in [0.010] * 6 + [0.030] * 4]  # four in ten a time slice late
+    assert asked[-1]
+
+
 def test_steps_slower_than_what_another_count_did_in_the_probe_ask_again():
     """A probe under competition can keep the wrong count (its few timings are noisy); the real steps
     then run slower than the other count did, and that asks for another probe."""

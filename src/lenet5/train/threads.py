@@ -23,6 +23,17 @@ from typing import Callable
 import torch
 
 
+def _typical(times: deque[float]) -> float:
+    """The mean of recent step times without the slowest one. The mean, since time adds up: beside a busy
+    core most steps at two threads run at full speed and the rest wait a whole time slice for the core
+    the other process holds, and their median hid that (a 2-core Intel Xeon as `avx2` kept two threads
+    and took 2.8x its quiet time beside the busy core). Without the slowest, since one slow step (a
+    collection, a sync for the log) is not competition: the plain mean once started a trial on a quiet
+    machine and changed the run's bits."""
+    ordered = sorted(times)
+    return statistics.fmean(ordered[:-1] if len(ordered) > 1 else ordered)
+
+
 def candidate_counts(most: int) -> list[int]:
     """The counts worth trying: the full count, then halving down to one."""
     counts, n = [], most
@@ -74,9 +85,7 @@ class ThreadGovernor:
         self.recent.append(seconds)
         if len(self.recent) < self.recent.maxlen or len(self.counts) == 1:
             return False
-        # the median: one slow step (a collection, the log's sync) must not read as competition. Their
-        # mean made a quiet run's governor try one thread, trial and all, and change the run's bits.
-        now = statistics.median(self.recent)
+        now = _typical(self.recent)
         if self.trial:
             self._end_trial(now)
             return False
