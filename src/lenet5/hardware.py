@@ -300,16 +300,24 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
 def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
     """Time the probe's pass in both precisions, alternating, about `seconds` in all, on as many
     threads as this process has cores (whatever the thread count of the moment: under torchrun it is 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(usable_cores())
-    try:
+    with all_cores():
         fp32 = bf16 = math.inf
         for _ in range(2):
             fp32 = min(fp32, _time_conv_pass(False, seconds / 4))
             bf16 = min(bf16, _time_conv_pass(True, seconds / 4))
+    return Bf16Probe(round(fp32, 3), round(bf16, 3))
+
+
+@contextlib.contextmanager
+def all_cores():
+    """torch's thread count set to the cores this process may use for the duration, then put back: a
+    probe measures the machine, whatever the count of the moment (under torchrun it is 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    return Bf16Probe(round(fp32, 3), round(bf16, 3))
 
 
 @lru_cache(maxsize=1)

@@ -65,15 +65,11 @@ def _measure_tanh(seconds: float = 0.1) -> dict[str, float]:
                 torch.autograd.grad(form(x), x, grad)
         return run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(hardware.usable_cores())
-    try:
-        best = {"torch_ms": math.inf, "sigmoid_ms": math.inf}
+    best = {"torch_ms": math.inf, "sigmoid_ms": math.inf}
+    with hardware.all_cores():
         for _ in range(2):
             for name, form in (("torch_ms", torch.tanh), ("sigmoid_ms", _SigmoidTanh.apply)):
                 best[name] = min(best[name], hardware.best_seconds(timed(form), seconds / 4, at_least=3) * 1e3)
-    finally:
-        torch.set_num_threads(threads)
     return {name: round(ms, 4) for name, ms in best.items()}
 
 
