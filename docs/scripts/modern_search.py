@@ -50,7 +50,7 @@ CANDIDATES = {
     "e25-distort-b64": ["--epochs", "25", "--distort", "--batch-size", "64"],
     # architectures within 60,000 parameters at the chosen recipe (docs/scripts/modern_arch.py)
     **{f"e15-distort-b64-{arch}": ["--epochs", "15", "--distort", "--batch-size", "64", "--model", f"arch-{arch}"]
-       for arch in ("deep14", "deep7")},
+       for arch in ("deep14", "deep7", "hires")},
 }
 ARCH_LAUNCHER = Path(__file__).with_name("modern_arch.py")  # registers the arch-* models, then runs lenet5
 
