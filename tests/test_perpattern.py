@@ -180,8 +180,10 @@ class StopAfter(Callback):
             raise KeyboardInterrupt
 
 
-def test_fit_takes_the_native_pass_and_resumes_exactly(kernel, mnist, tmp_path, caplog):
-    # 3 passes on the paper's schedule: the rate drops after pass 2, so step sizes change between passes.
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_fit_takes_the_native_pass_and_resumes_exactly(kernel, mnist, tmp_path, caplog, stop_after):
+    # 3 passes on the paper's schedule: the rate drops after pass 2, and h is re-estimated before every
+    # pass, so step sizes change between passes whether the rate does (stopped after 2) or not (after 1).
     config = TrainConfig(model="lenet5-1998", optimizer="sdlm", lr=ETA, schedule="lecun1998",
                          batch_size=1, epochs=3, distort=True, hessian_samples=100, train_samples=1_000,
                          test_samples=300, seed=2, threads=1)
@@ -189,7 +191,7 @@ def test_fit_takes_the_native_pass_and_resumes_exactly(kernel, mnist, tmp_path, 
         whole = fit(config, mnist, tmp_path / "whole")
     assert caplog.text.count("per-pattern pass on the native path") == 3
     with pytest.raises(KeyboardInterrupt):
-        fit(config, mnist, tmp_path / "split", callbacks=[StopAfter(2)])
+        fit(config, mnist, tmp_path / "split", callbacks=[StopAfter(stop_after)])
     resumed = resume(tmp_path / "split", mnist)
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -109,3 +109,18 @@ def test_the_papers_rate_saturates_f6_from_the_printed_initialisation(mnist, eta
     with torch.no_grad():
         largest = model.activations(to_model_input(mnist.test.images[:200]))["F6"].abs().max().item()
     assert (largest > 1.6) == saturates, largest
+
+
+def test_each_new_estimate_sets_the_step_sizes_at_an_unchanged_rate():
+    """h is re-estimated before every pass, and the next steps use it even where the rate stays the same
+    (the paper's rates hold for 2-4 passes; the capped recipe's for 12). Step sizes are cached between
+    patterns: a new h must not be hidden behind the old cache."""
+    p = nn.Parameter(torch.zeros(3))
+    optimizer = SDLM([p], lr=1e-3, mu=0.02)
+    optimizer.set_hessian({p: torch.full((3,), 1.0)})
+    torch.testing.assert_close(optimizer.step_sizes()[p], torch.full((3,), 1e-3 / 1.02))
+    optimizer.set_hessian({p: torch.full((3,), 100.0)})
+    torch.testing.assert_close(optimizer.step_sizes()[p], torch.full((3,), 1e-3 / 100.02))
+    p.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -1e-3 / 100.02))

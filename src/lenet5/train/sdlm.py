@@ -34,7 +34,9 @@ class SDLM(torch.optim.Optimizer):
     def set_hessian(self, diagonal: dict[torch.nn.Parameter, torch.Tensor]) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p]["hessian"] = diagonal[p].detach().to(p.device, p.dtype).clone()
+                state = self.state[p]
+                state["hessian"] = diagonal[p].detach().to(p.device, p.dtype).clone()
+                state.pop("step_size", None)  # derived from the old h: rebuilt at the next step
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - the docstring of the class says it
@@ -51,7 +53,7 @@ class SDLM(torch.optim.Optimizer):
         return {p: self._step_size(group, p) for group in self.param_groups for p in group["params"]}
 
     def _step_size(self, group: dict, p: torch.nn.Parameter) -> torch.Tensor:
-        # Recomputed only when lr changes (once per pass).
+        # Rebuilt when lr or h changes (at most once per pass), not at every pattern.
         state = self.state[p]
         if state.get("step_lr") != group["lr"] or "step_size" not in state:
             hessian = state.get("hessian", torch.zeros_like(p))
