@@ -210,6 +210,20 @@ def test_the_emulated_avx2_class_builds_the_kernels_for_avx2(kernels):
     assert out.stdout.strip() == "8"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or "avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="needs an AVX-512 CPU to cap")
+def test_pytorchs_own_caps_narrow_the_kernels_too(kernels):
+    """ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 alone (README's way to act as an avx2 CPU)
+    build the kernels for AVX2, without LENET5_NATIVE_MARCH: a class's figures are not AVX-512 kernels'."""
+    code = ("import torch; from lenet5 import native; assert native.available(), native.why_unavailable(); "
+            "print(native.default_march(), native.kernels().vector_width)")
+    env = {k: v for k, v in os.environ.items() if k != "LENET5_NATIVE_MARCH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**env, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["haswell", "8"]
+
+
 AVX2_POOLING = """
 import torch
 from torch.nn import functional as F
@@ -899,6 +913,16 @@ def test_a_killed_openmp_build_is_an_error_not_a_one_thread_library(kernels, tmp
     calls.clear()
     monkeypatch.setattr(build, "_build", refused)
     assert build.library(source=first).is_file() and calls == [["-fopenmp"], []]
+
+    def bad_march(cxx, march, units, output, openmp=()):  # nothing to do with OpenMP: one attempt, one message
+        calls.append(list(openmp))
+        return 1, "cc1plus: error: bad value 'bogus' for '-march=' switch"
+
+    calls.clear()
+    monkeypatch.setattr(build, "_build", bad_march)
+    with pytest.raises(BuildError, match="bad value 'bogus'"):
+        build.library(march="bogus", source=first)
+    assert calls == [["-fopenmp"]]
 
 
 def test_every_source_the_build_reads_ships_with_the_package():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -37,6 +38,7 @@ from lenet5.errors import ConfigError
 _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
                 "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
                 "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+log = logging.getLogger(__name__)
 CPU_CLASSES = ("amx", "avx512-bf16", "avx512", "avx2", "baseline")
 # The variables that make this process behave like a CPU of a lesser class (set before torch is
 # imported, e.g. in a child process's environment); MKL's cap also lowers the matmul peak.
@@ -49,11 +51,15 @@ EMULATE = {
 
 
 def restart_emulating(cls: str | None) -> None:
-    """Start this script again as a CPU of class `cls` (EMULATE's caps in its environment), unless
-    they are set already or `cls` is None; returns only then. The caps are read when torch loads,
-    so they must be in the environment from the process's start."""
-    if cls and any(os.environ.get(k) != v for k, v in EMULATE[cls].items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATE[cls]})
+    """Start this script again as a CPU of class `cls` (EMULATE's caps in its environment, and none of
+    another class's), unless it is so already or `cls` is None; returns only then. The caps are read
+    when torch loads, so they must be in the environment from the process's start."""
+    if not cls:
+        return
+    others = ({k for env in EMULATE.values() for k in env} | {"DNNL_MAX_CPU_ISA"}) - set(EMULATE[cls])
+    if any(os.environ.get(k) != v for k, v in EMULATE[cls].items()) or others & set(os.environ):
+        env = {k: v for k, v in os.environ.items() if k not in others}
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**env, **EMULATE[cls]})
 
 
 @lru_cache(maxsize=1)
@@ -164,8 +170,12 @@ def _cgroup_quota() -> float | None:
 
 BF16_CLASSES = ("amx", "avx512-bf16")  # the classes whose flags promise native bf16 arithmetic
 BF16_MIN_SPEEDUP = 1.2  # bf16 is chosen over fp32 only where the probe runs it at least this much faster
-_PROBE_VERSION = 3  # bump when the probe's workload changes: older cached results are then ignored
-# (2: the fp32 pass by the native Winograd kernel, as training runs it since; 3: the file's layout, cached_probe's)
+_PROBE_VERSION = 4  # bump when the probe's workload changes: older cached results are then ignored
+# (2: the fp32 pass by the native Winograd kernel, as training runs it since; 3: the file's layout, cached_probe's;
+# 4: on one thread, in three rounds, kept only when they agree: two threads' times beside a busy core had
+# cached bf16 as 1.67x faster where it is 0.46x)
+PROBE_ROUNDS = 3  # a probe's forms are timed in this many alternating rounds...
+PROBE_MAX_SPREAD = 1.5  # ...and its result is kept only if no form's slowest round is more than this x its fastest
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,7 @@ class Bf16Probe:
     fp32_ms: float
     bf16_ms: float
     cached: bool = False  # read from this machine's cache rather than measured by this process
+    spread: float = 1.0  # the slowest round over the fastest, of either precision (PROBE_MAX_SPREAD)
 
     @property
     def speedup(self) -> float:
@@ -197,22 +208,28 @@ class Bf16Probe:
                 "cached": self.cached, "file": str(_probe_cache_file())}
 
 
-def _probe_cache_file(name: str = "bf16-probe", version: int = _PROBE_VERSION) -> Path:
+def _probe_cache_file(name: str = "bf16-probe", version: int = _PROBE_VERSION, extra: str | None = None) -> Path:
     """Where this machine's result of the probe `name` is kept: one file per CPU, flag set, usable core
-    count, torch version and emulation caps (each changes the answer)."""
+    count, torch version and emulation caps (each changes the answer), and `extra`, what else does
+    (the bf16 probe's: whether lenet5's native kernels run its fp32 pass)."""
+    if extra is None and name == "bf16-probe":
+        extra = _bf16_probe_key()
     caps = [f"{k}={os.environ.get(k, '')}" for k in sorted({k for env in EMULATE.values() for k in env}
                                                            | {"DNNL_MAX_CPU_ISA"})]
-    key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), str(usable_cores()), torch.__version__, *caps])
+    key = "\n".join([cpu_model(), " ".join(sorted(cpu_flags())), str(usable_cores()), torch.__version__, *caps,
+                     *([extra] if extra else [])])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(platformdirs.user_cache_dir("lenet5")) / "machine" / f"{name}-v{version}-{digest}.json"
 
 
 def cached_probe(name: str, version: int, fields: tuple[str, ...],
-                 measure: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+                 measure: Callable[[], dict[str, float]], key: str = "") -> tuple[dict[str, float], bool]:
     """This machine's timings `fields` by `measure` (in ms, each within 1e-3..1e5), read from the machine's
     cache or measured once and kept there; and whether they were read. A missing, damaged or implausible
-    file is measured again. Processes asking at once (torchrun's) measure once: the others read."""
-    path = _probe_cache_file(name, version)
+    file is measured again. A measurement whose rounds disagree (its "spread", as `time_alternately` gives
+    it, over PROBE_MAX_SPREAD: another process was busy) is used by this process and not kept. `key`
+    names whatever else changes the answer. Processes asking at once (torchrun's) measure once: the others read."""
+    path = _probe_cache_file(name, version, key)
     saved = _read_times(path, fields)
     if saved:
         return saved, True
@@ -220,15 +237,35 @@ def cached_probe(name: str, version: int, fields: tuple[str, ...],
         saved = _read_times(path, fields)
         if saved:
             return saved, True
-        times = _plainly(measure)
-        if _plausible([times.get(f) for f in fields]):  # else returned, not kept: measured again next time
+        measured = _plainly(measure)
+        times = {f: measured.get(f) for f in fields}
+        spread = measured.get("spread", 1.0)
+        # else returned, not kept: measured again next time
+        if _plausible(list(times.values())) and _plausible([spread]) and spread <= PROBE_MAX_SPREAD:
             try:
                 from lenet5.fileio import atomic_write_json
 
-                atomic_write_json(path, {"times": times, "cpu": cpu_model(), "torch": torch.__version__})
+                atomic_write_json(path, {"times": times, "spread": spread, "cpu": cpu_model(), "torch": torch.__version__})
             except OSError:
                 pass  # a read-only cache: measure again next time
-    return times, False
+    return {**times, "spread": spread}, False
+
+
+def time_alternately(runs: dict[str, Callable[[], object]], seconds: float) -> dict[str, float]:
+    """The best time in ms of each of `runs`, timed in PROBE_ROUNDS alternating rounds (about `seconds` in
+    all) on one thread, and under "spread" the largest ratio of one run's slowest round to its fastest.
+
+    One thread, whatever the process's count: a probe compares two forms of the same arithmetic, whose
+    ratio one thread shows as two do, and one thread is not held up by another process on the other
+    core. On two threads beside a busy core a pass took 30x its quiet time, in either order (a bf16
+    probe cached bf16 as 1.67x faster where it runs at 0.46x); on one thread both stayed within 1.4x."""
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    with one_thread():
+        for _ in range(PROBE_ROUNDS):
+            for name, run in runs.items():
+                rounds[name].append(best_seconds(run, seconds / (PROBE_ROUNDS * len(runs)), at_least=3) * 1e3)
+    times = {name: round(min(ms), 4) for name, ms in rounds.items()}
+    return {**times, "spread": round(max(max(ms) / min(ms) for ms in rounds.values()), 3)}
 
 
 def _plainly(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -275,10 +312,10 @@ def best_seconds(run: Callable[[], object], seconds: float, at_least: int = 1) -
     return best
 
 
-def _time_conv_pass(bf16: bool, seconds: float) -> float:
-    """Best time in ms of keras-lenet's second convolution (20 to 50 channels, 5x5, 14x14 maps,
-    3/4 of that network's arithmetic) forward and backward at batch 32, channels_last, as training
-    runs it: in fp32 by lenet5's native Winograd kernel where it is available, in bf16 by oneDNN."""
+def _conv_pass(bf16: bool) -> Callable[[], None]:
+    """One forward and backward pass of keras-lenet's second convolution (20 to 50 channels, 5x5, 14x14
+    maps, 3/4 of that network's arithmetic) at batch 32, channels_last, as training runs it: in fp32 by
+    lenet5's native Winograd kernel where it is available, in bf16 by oneDNN."""
     from lenet5 import native
 
     generator = torch.Generator().manual_seed(0)
@@ -294,42 +331,43 @@ def _time_conv_pass(bf16: bool, seconds: float) -> float:
                 y = native.conv5x5(x, conv)
             y.float().square().mean().backward()
 
-    return best_seconds(one, seconds, at_least=3) * 1e3
+    return one
 
 
 def measure_bf16(seconds: float = 0.3) -> Bf16Probe:
-    """Time the probe's pass in both precisions, alternating, about `seconds` in all, on as many
-    threads as this process has cores (whatever the thread count of the moment: under torchrun it is 1)."""
-    with all_cores():
-        fp32 = bf16 = math.inf
-        for _ in range(2):
-            fp32 = min(fp32, _time_conv_pass(False, seconds / 4))
-            bf16 = min(bf16, _time_conv_pass(True, seconds / 4))
-    return Bf16Probe(round(fp32, 3), round(bf16, 3))
+    """Time the probe's pass in both precisions, alternating, about `seconds` in all (`time_alternately`)."""
+    times = time_alternately({"fp32_ms": _conv_pass(bf16=False), "bf16_ms": _conv_pass(bf16=True)}, seconds)
+    return Bf16Probe(round(times["fp32_ms"], 3), round(times["bf16_ms"], 3), spread=times["spread"])
 
 
 @contextlib.contextmanager
-def all_cores():
-    """torch's thread count set to the cores this process may use for the duration, then put back: a
-    probe measures the machine, whatever the count of the moment (under torchrun it is 1)."""
+def one_thread():
+    """torch's thread count set to 1 for the duration, then put back (`time_alternately`)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(usable_cores())
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
+def _bf16_probe_key() -> str:
+    """The bf16 probe times fp32 by the native kernels where they build, else by oneDNN: each its own result."""
+    from lenet5 import native
+
+    return f"native kernels: {native.in_use()}"
+
+
 @lru_cache(maxsize=1)
 def bf16_probe() -> Bf16Probe:
-    """This machine's bf16 probe: read from the cache, or measured once (about 0.6 s) and cached. Only
+    """This machine's bf16 probe: read from the cache, or measured once (about 0.3 s) and cached. Only
     asked where the flags promise native bf16; emulated bf16 is known to be slow without it."""
     def measure() -> dict[str, float]:
         probe = measure_bf16()
-        return {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms}
+        return {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms, "spread": probe.spread}
 
-    times, cached = cached_probe("bf16-probe", _PROBE_VERSION, ("fp32_ms", "bf16_ms"), measure)
-    return Bf16Probe(times["fp32_ms"], times["bf16_ms"], cached=cached)
+    times, cached = cached_probe("bf16-probe", _PROBE_VERSION, ("fp32_ms", "bf16_ms"), measure, _bf16_probe_key())
+    return Bf16Probe(times["fp32_ms"], times["bf16_ms"], cached=cached, spread=times.get("spread", 1.0))
 
 
 @contextlib.contextmanager
@@ -347,14 +385,20 @@ def _probe_lock(path: Path, patience: float = 30.0):
         yield
         return
     with handle:
-        deadline = time.monotonic() + patience
+        started = time.monotonic()
+        said = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - started
+                if waited > patience:
                     break
+                if waited > 1 and not said:  # a probe takes under a second: say why the start waits
+                    log.warning("waiting for another lenet5 process that is measuring this machine (%s; at most "
+                                "%.0f s)", path.with_suffix(".lock"), patience)
+                    said = True
                 time.sleep(0.05)
             except OSError:  # a file system without locks
                 break

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -47,14 +46,14 @@ class _SigmoidTanh(torch.autograd.Function):
         return tangent - tangent * y * y
 
 
-_TANH_PROBE_VERSION = 3  # bump when _measure_tanh changes: older cached results are then ignored
+_TANH_PROBE_VERSION = 4  # bump when _measure_tanh changes: older cached results are then ignored (4: one thread)
 SIGMOID_TANH_MIN_SPEEDUP = 1.2  # the sigmoid form is taken only where it ran at least this much faster
 
 
 def _measure_tanh(seconds: float = 0.1) -> dict[str, float]:
     """Milliseconds of the best forward + backward pass through autograd of each form on C1's
-    activations at batch 64 (301k floats, float32), alternating, about `seconds` in all, on as many
-    threads as this process has cores, as plain eager PyTorch (`hardware.cached_probe`)."""
+    activations at batch 64 (301k floats, float32), alternating, about `seconds` in all, on one
+    thread (`hardware.time_alternately`), as plain eager PyTorch (`hardware.cached_probe`)."""
     with torch.inference_mode(False):  # also when asked from under inference_mode
         x = torch.randn(64, 6, 28, 28, generator=torch.Generator().manual_seed(0), requires_grad=True)
     grad = torch.ones(x.shape)
@@ -65,12 +64,7 @@ def _measure_tanh(seconds: float = 0.1) -> dict[str, float]:
                 torch.autograd.grad(form(x), x, grad)
         return run
 
-    best = {"torch_ms": math.inf, "sigmoid_ms": math.inf}
-    with hardware.all_cores():
-        for _ in range(2):
-            for name, form in (("torch_ms", torch.tanh), ("sigmoid_ms", _SigmoidTanh.apply)):
-                best[name] = min(best[name], hardware.best_seconds(timed(form), seconds / 4, at_least=3) * 1e3)
-    return {name: round(ms, 4) for name, ms in best.items()}
+    return hardware.time_alternately({"torch_ms": timed(torch.tanh), "sigmoid_ms": timed(_SigmoidTanh.apply)}, seconds)
 
 
 @functools.lru_cache(maxsize=1)

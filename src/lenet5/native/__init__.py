@@ -366,11 +366,25 @@ def _ops() -> Kernels | None:
             log.info("native kernels %s; using the PyTorch path", _state["error"])
             return None
         try:
-            _state["ops"] = Kernels(str(library(_state.get("march") or os.environ.get(MARCH_ENV) or "native")))
+            _state["ops"] = Kernels(str(library(_state.get("march") or os.environ.get(MARCH_ENV) or default_march())))
         except (BuildError, OSError, RuntimeError) as e:
             _state["error"] = str(e)
             log.warning("native kernels unavailable (%s); falling back to the PyTorch path", e)
         return _state.get("ops")
+
+
+def default_march() -> str:
+    """The -march the kernels are built for without LENET5_NATIVE_MARCH: this CPU's ("native"), or the
+    class PyTorch is capped to where that is lower (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: haswell,
+    so the kernels' vectors are as wide as ATen's)."""
+    from lenet5.hardware import cpu_class, cpu_flags
+
+    capped, flags = cpu_class(), cpu_flags()
+    if capped == "avx2" and "avx512f" in flags:
+        return "haswell"
+    if capped == "baseline" and "avx2" in flags:
+        return "x86-64"
+    return "native"
 
 
 def kernels() -> Kernels | None:
@@ -381,6 +395,11 @@ def kernels() -> Kernels | None:
 def available() -> bool:
     """True when the native kernels are compiled and loaded (compiling them if need be)."""
     return _ops() is not None
+
+
+def in_use() -> bool:
+    """`available()`, and not `disabled()` here: whether a layer the kernels cover runs by them."""
+    return not getattr(_disabled, "on", False) and available()
 
 
 def why_unavailable() -> str | None:
