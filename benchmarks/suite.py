@@ -397,12 +397,13 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("training", "time_to_99", "contention", "keras_recipe", "inference")
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="MNIST folder (default: lenet5's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--parts", default="training,time_to_99,contention,keras_recipe,inference",
-                        help="comma-separated parts to run (default: all)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)")
     parser.add_argument("--images", type=int, default=12_800, help="training images per timed pass")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds per training setting and contention condition (median)")
@@ -416,6 +417,9 @@ def main() -> None:
                         "(oneDNN/ATen/MKL instruction-set caps; default: this CPU as it is)")
     parser.add_argument("--inference-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts: no part {', '.join(map(repr, unknown))}; the parts are {', '.join(PARTS)}")
     restart_emulating(args.cpu_class)  # so that every part (and the peak) runs under the class's caps
     args.fast_options = args.fast_options.split()
     if args.inference_worker:
