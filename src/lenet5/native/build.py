@@ -187,10 +187,11 @@ def library(march: str = "native", source: Path = SOURCE, parallel: bool = True)
             log.warning("%s is not GCC: the native kernels are built without OpenMP and run on one thread", command)
             openmp = []
         status, errors = _build(cxx, march, units, partial, openmp)
-        if status > 0 and openmp and errors.strip():
+        if status > 0 and openmp and _about_openmp(errors):
             # the compiler or linker refused the flag (e.g. no libgomp.so to link): that is this machine's
             # answer, and one thread beats no kernels. A compiler killed by a signal (status < 0, e.g. out of
-            # memory) says nothing about the flag: that is an error, and the next process builds again.
+            # memory) says nothing about the flag: that is an error, and the next process builds again; so
+            # does any other complaint (a bad -march): built again without the flag it would fail again.
             log.warning("building the native kernels with -fopenmp failed (%s); building them for one thread",
                         _complaint(errors))
             status, errors = _build(cxx, march, units, partial)
@@ -202,6 +203,11 @@ def library(march: str = "native", source: Path = SOURCE, parallel: bool = True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _about_openmp(errors: str) -> bool:
+    """Whether a failed build's messages are about OpenMP (its flag, header or runtime library)."""
+    return any(word in errors.lower() for word in ("openmp", "omp", "gomp"))
 
 
 def _record(library: Path) -> Path:
