@@ -108,10 +108,30 @@ def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, cap
     if precision == "auto":
         assert f"precision {choose_precision('auto', torch.device('cpu')).precision}: auto: CPU class " in out
     else:  # the avx512-bf16 class's recipe names the precision it was measured in
-        assert f"precision {precision}: asked for" in out
+        assert f"precision {precision}: the fast recipe's for {hardware}" in out
     config = json.loads((tmp_path / "f" / "config.json").read_text())
     assert config["precision"] == precision and config["batch_size"] == 100
     assert all(config[k] == v for k, v in expected.items() if k != "batch_size")
+    recipe = json.loads((tmp_path / "f" / "run.json").read_text())["recipe"]  # also where --quiet prints no line
+    assert recipe == {"name": "fast", "hardware_class": hardware, "why": RECIPES["fast"].why_for(hardware)}
+
+
+def test_a_precision_the_recipe_names_is_the_recipes_choice_not_the_users(data_env, tmp_path, capsys, monkeypatch):
+    """Where the fast recipe names fp32 (the avx512-bf16 class's, measured so), the run says the recipe
+    chose it; typed by the user, it says so."""
+    from lenet5 import cli, hardware
+
+    monkeypatch.setattr(cli, "hardware_class", lambda device, probe=True: "avx512-bf16")
+    monkeypatch.setattr(hardware, "bf16_probe", lambda: hardware.Bf16Probe(10.0, 1.0))
+    options = ["--device", "cpu", "--train-samples", "500", "--test-samples", "100", "--epochs", "1", "--quiet",
+               "--out-dir", str(tmp_path)]
+    assert RECIPES["fast"].options_for("avx512-bf16")["precision"] == "fp32"
+    for name, typed, reason in (("r", [], "the fast recipe's for avx512-bf16"), ("t", ["--precision", "fp32"], "asked for")):
+        code, out, err = run(capsys, "train", "--recipe", "fast", *typed, *options, "--name", name)
+        assert code == 0, err
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["precision"] == "fp32" and info["precision_reason"] == reason
+        assert info["recipe"]["hardware_class"] == "avx512-bf16"
 
 
 def test_bf16_where_it_is_emulated_warns(mnist_dir, tmp_path):

@@ -32,7 +32,7 @@ from lenet5.models import count_parameters, create_model, describe, list_models,
 from lenet5.predict import predict_checkpoint
 from lenet5.reproduce import PAPER_TEST_ERROR, RECIPE_FIELDS, reproduce_lecun1998
 from lenet5.run_folder import RunFolder
-from lenet5.runtime import flush_denormals, resolve_device, tune_allocator
+from lenet5.runtime import flush_denormals, note_recipe, resolve_device, tune_allocator
 from lenet5.fileio import atomic_write_text
 from lenet5.train import Callback, TrainConfig, TrainingError, fit, resume
 from lenet5.train.config import HOST_SETTINGS, RECIPES
@@ -223,6 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_run_name(getattr(args, "name", None))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     check_threads(given.get("threads", 0))  # before the data (a download, perhaps); fit checks again
+    note_recipe(None)  # until a recipe is chosen below (a process may train more than once: the tests, the API)
     if args.resume:
         if args.config or args.recipe or set(given) - {"epochs", *HOST_SETTINGS}:
             raise ConfigError("--resume continues a run with its own config.json; only --epochs and the host "
@@ -238,10 +239,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             where = resolve_device(given.get("device", "auto"))
             # the bf16 probe runs only for a recipe whose options differ by class
             hardware = hardware_class(where, probe=bool(RECIPES[args.recipe].by_class))
+            chosen = RECIPES[args.recipe].options_for(hardware)
+            note_recipe(args.recipe, hardware, RECIPES[args.recipe].why_for(hardware),
+                        {k: v for k, v in chosen.items() if k not in given})
             if not args.quiet and int(os.environ.get("RANK", 0)) == 0:
                 note = class_note(where) if RECIPES[args.recipe].by_class else ""
                 print(f"recipe {args.recipe} for {hardware}{note}: {RECIPES[args.recipe].why_for(hardware)}"
-                      + _replaced_by_typed(RECIPES[args.recipe].options_for(hardware), given))
+                      + _replaced_by_typed(chosen, given))
         config = TrainConfig.from_dict({**_train_base(args, given, hardware), **given})
         if args.calibrate and canonical_name(config.dataset) != "mnist":  # its held-out and stress sets are MNIST's
             raise ConfigError(f"--calibrate fits the digit service's 'unsure' rule on MNIST digits; it does not apply "
@@ -255,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         agreed = distributed.broadcast(hardware)  # each machine measured its own bf16: rank 0's class for all
         if agreed != hardware:
             config = TrainConfig.from_dict({**_train_base(args, given, agreed), **given})
+            note_recipe(args.recipe, agreed, RECIPES[args.recipe].why_for(agreed),
+                        {k: v for k, v in RECIPES[args.recipe].options_for(agreed).items() if k not in given})
     try:
         if args.resume:
             data = _load_data_ranked(args, world, dataset)

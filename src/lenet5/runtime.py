@@ -87,6 +87,20 @@ def git_revision() -> str | None:
         return None
 
 
+_recipe: dict[str, Any] | None = None  # the recipe this process's run starts from (`note_recipe`)
+
+
+def note_recipe(name: str | None, hardware: str | None = None, why: str = "", kept: dict[str, Any] | None = None) -> None:
+    """Record the recipe a run starts from: its name, the hardware class it was chosen for, why, and the
+    options of it that the user's own did not replace (run.json's "recipe"; None: no recipe)."""
+    global _recipe
+    _recipe = None if name is None else {"name": name, "hardware_class": hardware, "why": why, "options": kept or {}}
+
+
+def recipe_noted() -> dict[str, Any] | None:
+    return _recipe
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, machine, device and git revision, for the top of a run's log and its folder."""
     info: dict[str, Any] = {
@@ -106,6 +120,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
     }
+    if _recipe:
+        info["recipe"] = {k: _recipe[k] for k in ("name", "hardware_class", "why")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda

@@ -39,7 +39,7 @@ from lenet5.evaluate import EVAL_BATCH, evaluate
 from lenet5.hardware import check_threads, usable_cores
 from lenet5.models import DigitClassifier, count_parameters
 from lenet5.run_folder import RunFolder, best_record, selection_key
-from lenet5.runtime import environment, resolve_device
+from lenet5.runtime import environment, recipe_noted, resolve_device
 from lenet5.train import perpattern
 from lenet5.train.config import HOST_SETTINGS, TrainConfig
 from lenet5.train.outliers import load_outliers
@@ -295,8 +295,10 @@ def _announce(folder: RunFolder, step: TrainStep, config: TrainConfig, history: 
               callbacks: Sequence[Callback]) -> dict[str, Any]:
     """The run's environment (library versions, device, precision and why), written to run.json."""
     env = environment(next(step.model.parameters()).device)
-    env.update(precision=step.precision.precision, precision_reason=step.precision.reason,
-               precision_slow=step.precision.slow)
+    reason, recipe = step.precision.reason, recipe_noted()
+    if reason == "asked for" and recipe and recipe["options"].get("precision") == config.precision:
+        reason = f"the {recipe['name']} recipe's for {recipe['hardware_class']}"  # the recipe asked, not the user
+    env.update(precision=step.precision.precision, precision_reason=reason, precision_slow=step.precision.slow)
     if step.world.distributed:
         env.update(world_size=step.world.size, backend=distributed.backend())
     if step.world.is_main:
