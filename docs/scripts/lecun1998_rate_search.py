@@ -79,6 +79,10 @@ CANDIDATES = {
     "the paper's rates, j = 3 (the paper as printed)": (f"{PAPER} --lr 5e-4 --rbf-j 3", range(1)),
     "the paper's rates, j = 3, init 2.4/sqrt(F)": (f"{PAPER} --lr 5e-4 --rbf-j 3 --lecun-init sqrt", range(5)),
     "capped at 2e-5, j = 3, init 2.4/sqrt(F)": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --lecun-init sqrt", range(5)),
+    # higher caps, since every pass steps with its own fresh h (b3388a9; before, passes at an unchanged rate
+    # kept the h of the pass where the rate last changed: the capped recipe's passes 1-12 that of pass 1)
+    "capped at 5e-5, j = 3": (f"{CAPPED} --lr 5e-5 --rbf-j 3", range(5)),
+    "capped at 1e-4, j = 3": (f"{CAPPED} --lr 1e-4 --rbf-j 3", range(5)),
 }
 
 
@@ -131,9 +135,14 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/mnist")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these candidates only (default: all)")
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; they are: {list(CANDIDATES)}")
     if not args.table_only:
-        todo = [(name, options, s) for name, (options, seeds) in CANDIDATES.items() for s in seeds]
+        todo = [(name, options, s) for name, (options, seeds) in CANDIDATES.items() for s in seeds
+                if not args.only or name in args.only]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: train(args.out, args.data_dir, *job), todo))
     print(table(args.out))
