@@ -30,6 +30,7 @@ from lenet5.reproduce import ETA_PER_SAMPLE
 from lenet5.train import TrainConfig, perpattern, train_epoch
 from lenet5.train.optim import build_optimizer, build_schedule
 from lenet5.train.sdlm import diagonal_hessian
+from lenet5.train.step import TrainStep
 
 
 def build(train, batch_size: int):
@@ -77,11 +78,11 @@ def main() -> None:
         for name, (model, optimizer, scheduler, batch) in paths.items():
             n = args.native_patterns if name == "native" else args.plain_patterns * (8 if batch > 1 else 1)
             order = torch.randperm(len(train), generator=generator)[:n]
+            step = TrainStep(model, optimizer, scheduler, model)
             if batch == 1:
-                run = functools.partial(perpattern.train_pass, model, optimizer, scheduler, train, order,
-                                        native=name == "native")
+                run = functools.partial(perpattern.train_pass, step, train, order, native=name == "native")
             else:
-                run = functools.partial(train_epoch, model, optimizer, scheduler, train, batch, order)
+                run = functools.partial(train_epoch, step, train, batch, order)
             rates[name].append(timed(run, n))
 
     def summary(values: list[float]) -> str:

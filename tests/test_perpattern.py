@@ -272,3 +272,16 @@ def test_other_augmentations_take_the_plain_path(kernel, mnist, tmp_path, caplog
     with caplog.at_level(logging.DEBUG, logger="lenet5.train.perpattern"):
         fit(dataclasses.replace(config, augment="none", flip=False), mnist, tmp_path / "plain")
     assert "per-pattern pass on the native path" in caplog.text
+
+
+def test_the_documented_speed_benchmark_runs(kernel, mnist_dir):
+    """docs/lenet5-1998.md quotes `python benchmarks/perpattern.py`; it once failed on a changed signature."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "perpattern.py"
+    out = subprocess.run([sys.executable, str(script), "--data-dir", str(mnist_dir), "--rounds", "1",
+                          "--plain-patterns", "20", "--native-patterns", "200"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "native / plain (wall)" in out.stdout and "mini-batch 16: wall" in out.stdout
