@@ -242,6 +242,11 @@ def test_reproduce_over_seeds_summarises_and_resumes(mnist_dir, tmp_path, capsys
     assert main(["reproduce", "lecun1998", "--resume", str(tmp_path / "two"), "--data-dir", str(mnist_dir),
                  "--offline"]) == 0
     assert capsys.readouterr().out.count("done before") == 2
+    one = write_seed_summary(tmp_path / "two", {5: tmp_path / "two" / "seed-5"}, distortions=False, command="test",
+                             planned=[5, 6])  # seed 6 not finished: a figure over one seed has no sd, and says so
+    text = (tmp_path / "two" / "summary.md").read_text()
+    assert one["sd"] is None and one["unfinished"] == [6] and summary["unfinished"] == []
+    assert "(one seed: no sd)" in text and "Not finished: seed 6** of the 2 planned" in text
     assert main(args) == 2  # the folder is taken
     assert "already exists and is not empty" in capsys.readouterr().err
     # A plan made before the recipe's distortions changed cannot be continued by this version,
@@ -458,3 +463,17 @@ def test_sigterm_to_reproduce_stops_the_seeds_it_runs(mnist_dir, tmp_path):
     for pid in children:  # gone, or at most a zombie nobody waits for
         status = Path(f"/proc/{pid}/status")
         assert not status.exists() or "State:\tZ" in status.read_text(), f"seed process {pid} still runs"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "2", "--seed", str(2**32 - 1)], "each must be 0 to 2**32 - 1"),  # seed 2**32 failed after seed 2**32-1 ran
+    (["--jobs", "2"], "give --seeds N too"),  # silently ignored
+    (["--seeds", "2", "--device", "cuda:99"], "--device cuda:99"),  # a plan folder, then each seed failing alone
+])
+def test_reproduce_refuses_impossible_options_before_any_work(mnist_dir, tmp_path, capsys, argv, message):
+    from lenet5.cli import main
+
+    assert main(["reproduce", "lecun1998", *argv, "--epochs", "1", "--data-dir", str(mnist_dir), "--offline",
+                 "--out-dir", str(tmp_path), "--name", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()

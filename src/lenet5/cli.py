@@ -319,8 +319,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not 0 < args.seeds <= MAX_SEEDS or args.jobs <= 0:
         raise ConfigError(f"--seeds must be 1 to {MAX_SEEDS:,} and --jobs positive")
     check_threads(args.threads)
+    if not args.resume and not 0 <= args.seed <= 2**32 - args.seeds:
+        raise ConfigError(f"--seed {args.seed} with --seeds {args.seeds}: the seeds run from --seed to --seed + --seeds"
+                          f" - 1, and each must be 0 to 2**32 - 1")
+    resolve_device(args.device)  # before any folder is made (each seed would fail on its own)
     if args.seeds > 1 or (args.resume and (args.resume / SEEDS_FILE).is_file()):
         return _reproduce_seeds(args)
+    if args.jobs != 1:
+        raise ConfigError("--jobs trains several seeds at once: give --seeds N too (one seed trains on its own)")
     mode = "distortions" if args.distortions else "plain"
     run_dir = args.resume or args.out_dir / (args.name or f"{datetime.now():%Y%m%d-%H%M%S}-lecun1998-{mode}")
     if args.resume:
@@ -395,7 +401,8 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     each continued if interrupted), then summary.md/json over the seeds next to the paper's figure."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lenet5.reproduce import describe_recipe, lecun1998_config, recipe_settings, write_seed_summary
+    from lenet5.reproduce import (describe_recipe, lecun1998_config, plus_minus_sd, recipe_settings,
+                                  write_seed_summary)
 
     def recipe(distortions: bool, batch_size: int) -> dict[str, float]:  # this version's j and distortions
         return recipe_settings(lecun1998_config(distortions=distortions, batch_size=batch_size))
@@ -471,8 +478,9 @@ def _reproduce_seeds(args: argparse.Namespace) -> int:
     finished = {k: parent / f"seed-{k}" for k in plan["seeds"] if (parent / f"seed-{k}" / "report.md").is_file()}
     if not finished:
         raise TrainingError(f"{parent}: no seed finished")
-    summary = write_seed_summary(parent, finished, distortions=plan["distortions"], command=command)
-    print(f"test error over {summary['seeds']} seeds: {summary['mean']:.2%} +- {summary['sd']:.2%} "
+    summary = write_seed_summary(parent, finished, distortions=plan["distortions"], command=command,
+                                 planned=plan["seeds"])
+    print(f"test error over {summary['seeds']} seeds: {summary['mean']:.2%}{plus_minus_sd(summary)} "
           f"(min {summary['min']:.2%}, max {summary['max']:.2%}; paper {summary['paper_test_error']:.2%}); "
           f"summary: {parent / 'summary.md'}")
     if failed:

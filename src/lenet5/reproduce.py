@@ -25,6 +25,7 @@ from lenet5.data.transforms import to_model_input
 from lenet5.fileio import atomic_write_bytes, atomic_write_text
 from lenet5.models.lenet5_1998 import LeNet5_1998
 from lenet5.plots import plot_digit_gallery, plot_error_curves
+from lenet5.run_folder import RunFolder
 from lenet5.train import Callback, FitResult, TrainConfig, TrainingError, fit, resume
 
 PAPER_TEST_ERROR = {False: 0.0095, True: 0.008}  # section III.C: 0.95%, 0.8% with distortions
@@ -149,7 +150,7 @@ def _distortion_text(config: TrainConfig) -> str:
 
 
 def write_report(result: FitResult, mnist: MNIST, config: TrainConfig, *, command: str,
-                 wall_seconds: float) -> Path:
+                 wall_seconds: float, resumed: int = 0) -> Path:
     run_dir, history, distortions = result.run_dir, result.history, config.distort
     paper = PAPER_TEST_ERROR[distortions]
     wrong = misclassified(result.model, mnist)
@@ -179,7 +180,7 @@ Command: `{command}`
 {PAPER_MISCLASSIFIED} for its distortion-trained network). Training error after the last pass:
 {100 * (1 - final['train_eval_acc']):.2f}% (the paper: 0.35% after 19 passes, without distortions).
 Wall time {wall_seconds / 60:.1f} min for {len(history)} passes, evaluation of both sets after every
-pass included; model `{metrics['model']}` with {metrics['parameters']:,} trainable parameters.
+pass included{f" (resumed after pass {resumed}: those passes by their recorded times)" if resumed else ""}; model `{metrics['model']}` with {metrics['parameters']:,} trainable parameters.
 
 Recipe: stochastic diagonal Levenberg-Marquardt (mu 0.02, Hessian diagonal re-estimated on 500
 training samples before each pass), {_schedule_text(config)}, weights updated {updates}.
@@ -203,28 +204,40 @@ def reproduce_lecun1998(mnist: MNIST, run_dir: str | Path, *, distortions: bool 
                         resume_run: bool = False, callbacks: Sequence[Callback] = (),
                         command: str = "") -> tuple[FitResult, Path]:
     """Train the paper's recipe into `run_dir` and write its report; returns the result and the report's path."""
-    started = time.perf_counter()
+    started, done_before = time.perf_counter(), 0
     if resume_run:  # the run keeps its config.json; this machine's threads and device, when given, replace its own
+        commit = RunFolder(run_dir).load_commit()
+        done_before = len(commit["history"]) if commit else 0
         host = {k: v for k, v in (("threads", threads), ("device", device)) if v not in (0, "auto")}
         result = resume(run_dir, mnist, callbacks=callbacks, **host)
     else:
         config = lecun1998_config(distortions=distortions, batch_size=batch_size, epochs=epochs, seed=seed,
                                   threads=threads, device=device)
         result = fit(config, mnist, run_dir, callbacks=callbacks)
-    report = write_report(result, mnist, result.config, command=command, wall_seconds=time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    # a resumed run: the passes before the interruption count with their recorded times
+    wall += sum(r["seconds"] for r in result.history[:done_before])
+    report = write_report(result, mnist, result.config, command=command, wall_seconds=wall, resumed=done_before)
     return result, report
 
 
 def seed_statistics(test_errors: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation, min and max of per-seed test errors."""
+    """Mean, sample standard deviation (None for one seed: it has none), min and max of per-seed test errors."""
     values = list(test_errors)
     return {"seeds": len(values), "mean": statistics.mean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
 
 
-def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool, command: str) -> dict[str, Any]:
+def plus_minus_sd(stats: dict[str, Any]) -> str:
+    """' +- 0.08' of a test error's sd in points, or ' (one seed: no sd)'."""
+    return " (one seed: no sd)" if stats["sd"] is None else f" +- {100 * stats['sd']:.2f}"
+
+
+def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool, command: str,
+                       planned: Sequence[int] = ()) -> dict[str, Any]:
     """summary.md and summary.json beside the per-seed run folders: each seed's final test error and
-    training error, then mean +- sd and min-max over the seeds next to the paper's figure."""
+    training error, then mean +- sd and min-max over the seeds next to the paper's figure, and the
+    seeds of `planned` that did not finish."""
     rows, errors = [], []
     for seed, run_dir in sorted(runs.items()):
         history = json.loads((run_dir / "history.json").read_text())
@@ -246,7 +259,7 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
     recipe = {k: settings[k] for k in DISTORTION_FIELDS} if distortions else None
     summary = {"recipe": "lecun1998", "distortions": distortions, "rbf_j": settings["rbf_j"], "distortion": recipe,
                "distort_strength": recipe["distort_strength"] if recipe else None, "paper_test_error": paper,
-               **stats, "runs": rows, "command": command}
+               **stats, "unfinished": [k for k in planned if k not in runs], "runs": rows, "command": command}
     atomic_write_text(parent / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def percent(value: float | None) -> str:
@@ -255,15 +268,19 @@ def write_seed_summary(parent: Path, runs: dict[int, Path], *, distortions: bool
     table = "\n".join(f"| {r['seed']} | {r['passes']} | {percent(r['test_error'])} | {percent(r['train_error'])} | "
                       f"{r['seconds'] / 60:.1f} |" for r in rows)
     verdict = "at or below" if stats["mean"] <= paper + 1e-12 else "above"
+    unfinished = (f"\n\n**Not finished: seed{'s' if len(summary['unfinished']) > 1 else ''} "
+                  f"{', '.join(map(str, summary['unfinished']))}** of the {len(planned)} planned (`lenet5 reproduce "
+                  f"lecun1998 --resume {parent}` continues them); the figures above are over the finished ones."
+                  if summary["unfinished"] else "")
     text = f"""# LeNet-5 (1998) reproduction{' with distortions' if distortions else ''} ({describe_recipe(settings, distortions)}): {len(rows)} seeds
 
 ```sh
 {command}
 ```
 
-Test error over {len(rows)} seeds: **{100 * stats['mean']:.2f}% +- {100 * stats['sd']:.2f}** (mean +- sample sd),
+Test error over {len(rows)} seeds: **{100 * stats['mean']:.2f}%{plus_minus_sd(stats)}** (mean +- sample sd),
 min {100 * stats['min']:.2f}%, max {100 * stats['max']:.2f}%; the paper: {100 * paper:.2f}% (one run). The mean is
-{verdict} the paper's figure.
+{verdict} the paper's figure.{unfinished}
 
 | seed | passes | test error | training error | minutes |
 |---:|---:|---:|---:|---:|
