@@ -258,7 +258,8 @@ def time_alternately(runs: dict[str, Callable[[], object]], seconds: float) -> d
     One thread, whatever the process's count: a probe compares two forms of the same arithmetic, whose
     ratio one thread shows as two do, and one thread is not held up by another process on the other
     core. On two threads beside a busy core a pass took 30x its quiet time, in either order (a bf16
-    probe cached bf16 as 1.67x faster where it runs at 0.46x); on one thread both stayed within 1.4x."""
+    probe cached bf16 as 1.67x faster where it runs at 0.46x); on one thread, in the same minutes, each
+    form's times agreed within 1.2x and gave the quiet machine's verdict."""
     rounds: dict[str, list[float]] = {name: [] for name in runs}
     with one_thread():
         for _ in range(PROBE_ROUNDS):
