@@ -13,7 +13,6 @@ test set is not read: a gain here would be the reason to try it there, once.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import torch
 from torch import nn
 
 from lenet5.checkpoint import load_checkpoint
-from lenet5.data import load_mnist
 from lenet5.data.transforms import to_model_input
-from lenet5.train.loop import split_validation
 
 sys.path.insert(0, str(Path(__file__).parent))
 import modern_arch  # noqa: E402, F401  (registers the searched architectures, arch-*, so their runs load too)
+from modern_tta import runs_and_splits  # noqa: E402
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -47,14 +45,9 @@ def recalibrate(model: nn.Module, x: torch.Tensor, batch: int = 500) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--val-split", type=int, default=5000, help="as the recipe's --val-split")
-    args = parser.parse_args()
-    train, val = split_validation(load_mnist(args.data_dir, download=False).train, args.val_split)
+    runs, train, val = runs_and_splits(__doc__.splitlines()[0])
     xt, xv = to_model_input(train.images), to_model_input(val.images)
-    for run in args.runs:
+    for run in runs:
         model = load_checkpoint(run / "checkpoints" / "best.safetensors").model.eval()
         before = accuracy(model, xv, val.labels)
         recalibrate(model, xt)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lenet5.checkpoint import load_checkpoint
 from lenet5.data import load_mnist
+from lenet5.data.dataset import Split
 from lenet5.data.transforms import to_model_input
 from lenet5.train.loop import split_validation
 
@@ -30,15 +31,22 @@ def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return torch.roll(F.pad(x, (1, 1, 1, 1)), (dy, dx), (2, 3))[:, :, 1:-1, 1:-1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def runs_and_splits(description: str) -> tuple[list[Path], Split, Split]:
+    """The command line's run folders, and the training digits they trained on and the validation
+    digits they were chosen on (`--val-split`, as the recipe's)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--val-split", type=int, default=5000, help="as the recipe's --val-split")
     args = parser.parse_args()
-    _, val = split_validation(load_mnist(args.data_dir, download=False).train, args.val_split)
+    train, val = split_validation(load_mnist(args.data_dir, download=False).train, args.val_split)
+    return args.runs, train, val
+
+
+def main() -> None:
+    runs, _, val = runs_and_splits(__doc__.splitlines()[0])
     x = to_model_input(val.images)
-    for run in args.runs:
+    for run in runs:
         model = load_checkpoint(run / "checkpoints" / "best.safetensors").model.eval()
         with torch.no_grad():
             accuracy = {name: (sum(model.probabilities(shifted(x, dy, dx)) for dy, dx in shifts).argmax(1)
