@@ -119,9 +119,10 @@ def test_a_recipe_sets_the_options_and_typed_options_win(data_env, tmp_path, cap
 def test_a_precision_the_recipe_names_is_the_recipes_choice_not_the_users(data_env, tmp_path, capsys, monkeypatch):
     """Where the fast recipe names fp32 (the avx512-bf16 class's, measured so), the run says the recipe
     chose it; typed by the user, it says so."""
-    from lenet5 import cli, hardware
+    from lenet5 import hardware
+    from lenet5.cli import train
 
-    monkeypatch.setattr(cli, "hardware_class", lambda device, probe=True: "avx512-bf16")
+    monkeypatch.setattr(train, "hardware_class", lambda device, probe=True: "avx512-bf16")
     monkeypatch.setattr(hardware, "bf16_probe", lambda: hardware.Bf16Probe(10.0, 1.0))
     options = ["--device", "cpu", "--train-samples", "500", "--test-samples", "100", "--epochs", "1", "--quiet",
                "--out-dir", str(tmp_path)]

@@ -389,6 +389,8 @@ def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_pat
     """A run or plan from a bigger machine (32 threads) could not be continued on 2 cores: --threads
     given with --resume was ignored, by the single run and by the seeds' child processes."""
 
+    import subprocess
+
     import lenet5.cli as cli
     import lenet5.reproduce as reproduce
 
@@ -424,7 +426,7 @@ def test_resumed_reproductions_run_with_this_machines_threads(mnist_dir, tmp_pat
         def communicate(self):
             return "", "stopped by the test"
 
-    monkeypatch.setattr(cli.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)  # the seeds' child processes
     assert cli.main(["reproduce", "lecun1998", "--resume", str(parent), "--threads", "1", "--jobs", "1",
                      "--data-dir", str(mnist_dir), "--offline"]) == 1
     assert "no seed finished" in capsys.readouterr().err
