@@ -7,7 +7,7 @@ global average pooling into a 10-way linear layer instead of a dense head. Stack
 kernels see as far as LeNet's 5x5 ones with fewer weights per output (VGG, Simonyan & Zisserman
 2015); batch normalisation (Ioffe & Szegedy 2015) lets it train at high rates; global average
 pooling (Lin et al., "Network in network", 2014) replaces the dense layers. Most weights sit
-where the maps are 7x7, so a digit costs 6.5M multiply-adds, about keras-lenet's. It is trained
+where the maps are 7x7, so a digit costs 6.7M multiply-adds (keras-lenet: 6.5M). It is trained
 with the `modern` recipe (augmentation, a one-cycle schedule, label smoothing, a weight
 average); docs/results/lenet5-modern/ has its results and the commands.
 """
