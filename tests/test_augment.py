@@ -71,6 +71,25 @@ def test_a_batch_costs_far_less_than_its_images_one_by_one(digits):
     assert seconds(batch, 3) < 0.25 * 512 * seconds(one, 10)
 
 
+def test_rotate_turns_each_image_within_its_range_and_does_nothing_else():
+    """A horizontal bar through the centre comes out as a bar through the centre at an angle of at most
+    10 degrees, each image at its own angle, with its ink's amount kept (no shift, scale or shear)."""
+    bar = torch.zeros(256, 1, 28, 28)
+    bar[:, :, 13:15, 4:24] = 1.0
+    turned = augment.rotate(bar, torch.Generator().manual_seed(0))
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    ink = turned[:, 0]
+    mass = ink.sum((1, 2))
+    cy, cx = (ink * ys).sum((1, 2)) / mass, (ink * xs).sum((1, 2)) / mass
+    assert torch.allclose(cy, torch.full_like(cy, 13.5), atol=0.05) and torch.allclose(cx, torch.full_like(cx, 13.5), atol=0.05)
+    assert torch.allclose(mass, bar[:, 0].sum((1, 2)), rtol=0.03)
+    # the bar's direction from its second moments: the angle of its main axis
+    dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]
+    cov_xy, cov_xx, cov_yy = ((ink * dx * dy).sum((1, 2)), (ink * dx * dx).sum((1, 2)), (ink * dy * dy).sum((1, 2)))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * cov_xy, cov_xx - cov_yy))
+    assert angle.abs().max() <= 10.2 and angle.abs().max() > 8 and angle.std() > 4  # spread over the range
+
+
 def test_dilation_and_erosion_change_stroke_width(digits):
     ink = (digits > 0.5).sum()
     assert (dilate(digits) > 0.5).sum() > 1.5 * ink

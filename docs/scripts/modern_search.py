@@ -50,6 +50,8 @@ CANDIDATES = {
     "e25-distort-b64": ["--epochs", "25", "--distort", "--batch-size", "64"],
     # stroke width varied (dilation or erosion, lenet5.data.augment.stroke_width) after the distortions
     "e15-distort-b64-stroke": ["--epochs", "15", "--distort", "--batch-size", "64", "--augment", "stroke_width"],
+    # a rotation of up to 10 degrees after the distortions (lenet5.data.augment.rotate), which make none
+    "e15-distort-b64-rotate": ["--epochs", "15", "--distort", "--batch-size", "64", "--augment", "rotate"],
     # architectures within 60,000 parameters at the chosen recipe (docs/scripts/modern_arch.py)
     **{f"e15-distort-b64-{arch}": ["--epochs", "15", "--distort", "--batch-size", "64", "--model", f"arch-{arch}"]
        for arch in ("deep14", "deep7", "hires")},

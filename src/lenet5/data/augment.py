@@ -11,6 +11,7 @@ same augmentations as an uninterrupted one.
   Steinkraus and Platt 2003, "Best practices for convolutional neural networks applied to
   visual document analysis", section 2: uniform random displacements smoothed by a Gaussian
   of std sigma and scaled by alpha), all in one grid_sample so the digit is resampled once;
+- `rotate`: a rotation alone, +-10 degrees;
 - `stroke_width`: thicker or thinner strokes by grey dilation or erosion (3x3 max/min filter);
 - `low_resolution`: down to 8-16 pixels a side (area average) and back up (bilinear);
 - `blur`: a Gaussian blur of random width;
@@ -92,6 +93,14 @@ def random_warp(images: torch.Tensor, generator: torch.Generator | None = None, 
         field = field * _chosen(images, generator, elastic_p)
         grid = grid + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h], device=images.device)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotate(images: torch.Tensor, generator: torch.Generator | None = None, *, degrees: float = 10.0) -> torch.Tensor:
+    """Each image turned about its centre by an angle uniform in +-`degrees`, nothing else: the slant
+    of a hand, which the 1998 paper's affine distortions (`--distort`: shifts, scaling, squeezing,
+    horizontal shear) do not make. `random_warp` with only its rotation."""
+    return random_warp(images, generator, rotation=degrees, scale=(1.0, 1.0), squeeze=0.0, shear=0.0,
+                       translate=0.0, elastic_alpha=0.0)
 
 
 def _filter3(images: torch.Tensor, pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -203,7 +212,8 @@ def robust(images: torch.Tensor, generator: torch.Generator | None = None) -> to
     return x.clamp(0, 1)
 
 
-OPS: dict[str, Augment] = {"warp": random_warp, "stroke_width": stroke_width, "low_resolution": low_resolution,
+OPS: dict[str, Augment] = {"warp": random_warp, "rotate": rotate, "stroke_width": stroke_width,
+                           "low_resolution": low_resolution,
                            "blur": blur, "contrast": contrast, "noise": noise}
 AUGMENTATIONS = ("none", "robust")
 

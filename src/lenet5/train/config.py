@@ -96,7 +96,7 @@ class TrainConfig:
     augment: str = field(default="none", metadata=_opt(
         "augmentation of every training batch, on its device (lenet5.data.augment): none, robust (random "
         "warps with elastic distortion, stroke width, low resolution, blur, contrast, noise), or ops joined "
-        "by '+' (warp, stroke_width, low_resolution, blur, contrast, noise); after --distort if both"))
+        "by '+' (warp, rotate, stroke_width, low_resolution, blur, contrast, noise); after --distort if both"))
     outliers: float = field(default=0.0, metadata=_opt(
         "outlier exposure: add this many non-digit images per training digit to every batch (e.g. 0.25: 32 to "
         "a batch of 128), drawn from lenet5.data.nondigits' training pool and augmented like the digits, and "
