@@ -71,6 +71,11 @@ def add_data_options(parser: argparse.ArgumentParser, dataset: str | None = None
     group.add_argument("--retries", type=int, default=2, help="retries per mirror for transient failures")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto)"
+CHECKPOINT_HELP = "a .safetensors checkpoint or a run folder (uses its best)"
+BUNDLED_HELP = "a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)"
+
+
 MAX_TIMEOUT_S, MAX_RETRIES = 86_400, 100  # a day without a byte; a hundred tries a mirror
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lenet5.cli.common import add_data_options, load_data, print_calibration
+from lenet5.cli.common import CHECKPOINT_HELP, DEVICE_HELP, add_data_options, load_data, print_calibration
 from lenet5.data.dataset import check_files
 from lenet5.errors import ConfigError
 from lenet5.evaluate import evaluate_checkpoint
@@ -140,8 +140,8 @@ def _data_stress(args: argparse.Namespace, mnist) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """`lenet5 evaluate`, `calibrate`, `models` and `data`, with their options."""
     ev = commands.add_parser("evaluate", help="test loss and accuracy of a checkpoint")
-    ev.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
-    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    ev.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--batch-size", type=int, default=512, help="images per evaluation step (default: 512)")
     ev.add_argument("--test-samples", type=int, default=0, help="first N test images only (default: all)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -161,10 +161,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                               description="Fit a temperature and an 'unsure' threshold (lenet5.calibration) on "
                                           "the training digits the run did not train on and their stress versions, "
                                           "and store them in the checkpoint, for predict and serve.")
-    cal.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint or a run folder (uses its best)")
+    cal.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     cal.add_argument("--target-error", type=float, default=0.005,
                      help="error allowed on the held-out digits not marked unsure (default: 0.005)")
-    cal.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    cal.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_data_options(cal)
     cal.set_defaults(handler=cmd_calibrate)
 

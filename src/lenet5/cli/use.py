@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from lenet5.cli.common import EXIT_ERROR, add_data_options, checkpoint_or_bundled, is_checkpoint, load_data
+from lenet5.cli.common import (BUNDLED_HELP, DEVICE_HELP, EXIT_ERROR, add_data_options, checkpoint_or_bundled,
+                               is_checkpoint, load_data)
 from lenet5.errors import ConfigError
 from lenet5.hardware import check_threads
 from lenet5.predict import predict_checkpoint
@@ -162,27 +163,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                          "were prepared, and predict its digit. A file that cannot be used gets "
                                          "a one-line reason and the others go on; the exit status is 1 if any failed.")
     pr.add_argument("items", nargs="+", metavar="[CHECKPOINT] IMAGE|DIR",
-                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
-                         "then image files or folders of them")
+                    help=BUNDLED_HELP + ", then image files or folders of them")
     pr.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name (then every item is an image)")
     out = pr.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON")
     out.add_argument("--csv", action="store_true", help="print CSV")
     pr.add_argument("--save-prepared", type=Path, metavar="DIR", help="save each prepared 28x28 input as a PNG here")
-    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    pr.add_argument("--device", default="auto", help=DEVICE_HELP)
     pr.set_defaults(handler=cmd_predict)
 
     ex = commands.add_parser("explain", help="draw every layer's feature maps for one digit",
                              description="Prepare the image MNIST-style, run it through the model and draw the "
                                          "input, every layer's activation maps and the class probabilities.")
     ex.add_argument("items", nargs="*", metavar="[CHECKPOINT] [IMAGE]",
-                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model), "
-                         "then an image file (or use --test-index)")
+                    help=BUNDLED_HELP + ", then an image file (or use --test-index)")
     ex.add_argument("--checkpoint", type=Path, help="the checkpoint, given by name")
     ex.add_argument("--test-index", type=int, help="explain test image N of the data set instead of an image")
     ex.add_argument("--out", type=Path, help="PNG to write (default: IMAGE-NAME.maps.png here)")
     ex.add_argument("--max-maps", type=int, default=16, help="maps shown per layer (default: 16)")
-    ex.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    ex.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_data_options(ex, "checkpoint")
     ex.set_defaults(handler=cmd_explain)
 
@@ -191,7 +190,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                          "any N; output: scores N x 10), check the export against PyTorch on test "
                                          "digits, and write a model card beside it.")
     xp.add_argument("checkpoint", type=Path, nargs="?",
-                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)")
+                    help=BUNDLED_HELP)
     xp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
     xp.add_argument("--out", type=Path, help="output file (default: MODEL.onnx or MODEL.pt here)")
     xp.add_argument("--check-images", type=int, default=1000, help="test digits for the check (default: 1000)")
@@ -203,7 +202,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              description="Serve POST /v1/predict, GET /v1/model, GET /healthz, OpenAPI docs at "
                                          "/docs and a page to draw a digit on at /.")
     sv.add_argument("checkpoint", type=Path, nargs="?",
-                    help="a .safetensors checkpoint or a run folder (uses its best; default: the bundled model)")
+                    help=BUNDLED_HELP)
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default: 4)")
