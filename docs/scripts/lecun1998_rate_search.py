@@ -27,6 +27,8 @@ BASE = ["--model", "lenet5-1998", "--optimizer", "sdlm", "--mu", "0.02", "--hess
         "--precision", "fp32", "--quiet"]
 PAPER = "--schedule lecun1998"  # the paper's shape, scaled so that its first rate is --lr
 CAPPED = "--schedule lecun1998-capped"  # the paper's rates, none above --lr
+EQ9_MODEL = "lenet5-1998-eq9h"  # registered by lecun1998_eq9_hessian.py, which then runs lenet5
+EQ9_LAUNCHER = Path(__file__).with_name("lecun1998_eq9_hessian.py")
 
 # name: (options, seeds)
 CANDIDATES = {
@@ -83,6 +85,10 @@ CANDIDATES = {
     # kept the h of the pass where the rate last changed: the capped recipe's passes 1-12 that of pass 1)
     "capped at 5e-5, j = 3": (f"{CAPPED} --lr 5e-5 --rbf-j 3", range(5)),
     "capped at 1e-4, j = 3": (f"{CAPPED} --lr 1e-4 --rbf-j 3", range(5)),
+    # SDLM's h from the curvature of the whole of eq. 9, its competitive term included (departure 3;
+    # docs/scripts/lecun1998_eq9_hessian.py), at the recipe's rate and at lower caps, since that h is smaller
+    "capped at 2e-5, j = 3, h of all of eq. 9": (f"{CAPPED} --lr 2e-5 --rbf-j 3 --model {EQ9_MODEL}", range(5)),
+    "capped at 1e-5, j = 3, h of all of eq. 9": (f"{CAPPED} --lr 1e-5 --rbf-j 3 --model {EQ9_MODEL}", range(5)),
 }
 
 
@@ -96,7 +102,8 @@ def folder(name: str, seed: int) -> str:
 def train(out: Path, data_dir: str, name: str, options: str, seed: int) -> None:
     if last(out, name, seed) is not None:  # finished (the committed runs keep config.json and history.csv)
         return
-    command = [sys.executable, "-m", "lenet5", "train", *BASE, *options.split(), "--seed", str(seed),
+    launcher = [str(EQ9_LAUNCHER)] if EQ9_MODEL in options else ["-m", "lenet5"]
+    command = [sys.executable, *launcher, "train", *BASE, *options.split(), "--seed", str(seed),
                "--data-dir", data_dir, "--offline", "--out-dir", str(out), "--name", folder(name, seed)]
     subprocess.run(command, check=True)
 

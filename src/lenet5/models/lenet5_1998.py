@@ -368,9 +368,14 @@ class LeNet5_1998(DigitClassifier):
         h5 = grad_scaled(maps["C5"], s5).flatten(1)
         s6 = F.linear(h5, sq["F6.weight"], bias["F6.bias"])
         f6 = maps["F6"]
-        d2e_da2 = 2 * (A * S * (1 - (f6 / A) ** 2)) ** 2  # d2E/dF6^2 = 2 (eq. 7), times f'(a)^2
-        s6.backward(d2e_da2)
+        s6.backward(self.f6_curvature(f6) * (A * S * (1 - (f6 / A) ** 2)) ** 2)  # d2E/dF6^2 times f'(a)^2
         return {name: (bias[name] if name in bias else sq[name]).grad for name in sq}
+
+    def f6_curvature(self, f6: torch.Tensor) -> torch.Tensor:
+        """d2E/dF6^2 for each F6 state, where the estimate starts: 2, that of eq. 9's first term
+        ||F6 - w_correct||^2 (eq. 7), the same for every digit. The competitive term's is left out
+        (docs/lenet5-1998.md, departure 3; docs/scripts/lecun1998_eq9_hessian.py measures with it)."""
+        return torch.full_like(f6, 2.0)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """Penalties -> scores: the smallest RBF output wins, and softmax(-y) is the posterior
