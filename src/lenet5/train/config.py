@@ -20,7 +20,7 @@ from lenet5.data.augment import check_augment
 from lenet5.data.catalog import check_dataset_name, dataset_names
 from lenet5.errors import ConfigError
 from lenet5.models import list_models, model_class
-from lenet5.models.lenet5_1998 import INITS, RBF_CODES
+from lenet5.models.lenet5_1998 import INITS, RBF_CODES, LeNet5_1998
 
 # Settings of the machine a run happens to use, not of the run: `--resume` may change them.
 HOST_SETTINGS = ("device", "threads", "eval_batch_size", "compile")
@@ -212,13 +212,13 @@ class TrainConfig:
             raise ConfigError(f"--outliers is a share of the batch in [0, 1], e.g. 0.25, got {self.outliers}")
         if self.outliers and not model_class(self.model).label_smoothing_ok:
             raise ConfigError(f"--outliers needs a model with logit outputs; {self.model}'s loss is its own")
-        if self.rbf_j is not None and self.model != "lenet5-1998":
+        if self.rbf_j is not None and not issubclass(model_class(self.model), LeNet5_1998):
             raise ConfigError(f"--rbf-j is the constant of lenet5-1998's loss (eq. 9); {self.model} has no such loss "
                               f"(drop --rbf-j, or use --model lenet5-1998; a --config file may have carried it)")
-        if self.rbf_codes is not None and self.model != "lenet5-1998":
+        if self.rbf_codes is not None and not issubclass(model_class(self.model), LeNet5_1998):
             raise ConfigError(f"--rbf-codes are the fixed codes of lenet5-1998's RBF output; {self.model} has none "
                               f"(drop --rbf-codes, or use --model lenet5-1998; a --config file may have carried it)")
-        if self.lecun_init is not None and self.model != "lenet5-1998":
+        if self.lecun_init is not None and not issubclass(model_class(self.model), LeNet5_1998):
             raise ConfigError(f"--lecun-init is lenet5-1998's initialisation (appendix A); {self.model} has its own "
                               f"(drop --lecun-init, or use --model lenet5-1998; a --config file may have carried it)")
         if self.lecun_init not in (None, *INITS):
@@ -227,7 +227,7 @@ class TrainConfig:
             raise ConfigError(f"--rbf-codes must be one of {', '.join(RBF_CODES)}, got {self.rbf_codes!r}")
         if self.rbf_j is not None and not 0 < self.rbf_j <= 100:
             raise ConfigError(f"--rbf-j must be in (0, 100], got {self.rbf_j}")
-        if self.optimizer == "sdlm" and self.model != "lenet5-1998":
+        if self.optimizer == "sdlm" and not hasattr(model_class(self.model), "second_derivatives"):
             raise ConfigError("--optimizer sdlm needs a model with a Gauss-Newton output: --model lenet5-1998")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("--nesterov needs --optimizer sgd and a non-zero --momentum")
